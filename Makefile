@@ -1,0 +1,63 @@
+# advlens: `make all-layers` runs the main job, `make test` runs the tests.
+# Both set everything up on first use (a virtual environment in .venv and the dataset).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.toml
+GPUS   ?=
+WORKERS ?=
+ARGS   ?=
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+# The CPU build of torch lies on this kind of machine's disk; on a machine with a GPU pip
+# takes the default (CUDA) build instead.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
+
+.PHONY: all-layers test setup data lint bench clean help
+
+help:
+	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
+	@echo "make test         set up and run the tests"
+	@echo "make lint         ruff"
+	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
+	@echo "options: CONFIG=file.toml GPUS=0,1 WORKERS=N ARGS='--set data.n=200'"
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "advlens: $(PYTHON) not found; install Python 3.11+ (apt-get install python3 python3-venv)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "advlens: could not create $(VENV); run: apt-get install python3-venv"; exit 1; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "advlens: installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
+	  || { echo "advlens: could not install dataset-fashion-mnist; run as root: apt-get update && apt-get install dataset-fashion-mnist"; exit 1; }; \
+	else \
+	  echo "advlens: Fashion-MNIST is missing ($(FMNIST)). Run: sudo apt-get install dataset-fashion-mnist"; \
+	  echo "         or set data.path to a folder holding the four *-ubyte.gz files."; exit 1; \
+	fi
+
+all-layers: setup
+	$(BIN)/advlens run --config $(CONFIG) \
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline kernels tests benchmarks
+	$(BIN)/ruff format --check pipeline kernels tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/overlap_kernel.py --small
+	$(BIN)/python benchmarks/store_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from advlens.cli import main
+
+sys.exit(main())

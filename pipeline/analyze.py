@@ -1,0 +1,175 @@
+"""One layer task: reduce -> embed -> overlap for one (store, layer, engine, seed, perplexity).
+
+Tasks are independent, so the scheduler can run them on any worker. Each writes its metrics
+row (``tasks/<id>.json``) and its map (``tasks/<id>.npz``) atomically and is skipped when its
+row already exists, so an interrupted schedule resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advlens._io import write_json, write_npz
+from advlens.config import EmbedConfig, OverlapConfig
+
+# Overlap on the map and on the reduced points disagreeing by more than this flags a
+# possible t-SNE artefact (issue 11).
+ARTEFACT_GAP = 0.2
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """Everything one layer analysis needs; picklable, so it can travel to a Dask worker."""
+
+    store: str
+    run_dir: str
+    attack: str
+    norm: str
+    eps: float
+    layer: str
+    layer_index: int
+    engine: str
+    seed: int
+    perplexity: float
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    device: str = "auto"
+
+    @property
+    def task_id(self) -> str:
+        """Readable and unique: changes whenever a setting that shapes the result changes."""
+        key = json.dumps(
+            [
+                self.store,
+                self.layer,
+                self.engine,
+                self.seed,
+                self.perplexity,
+                asdict(self.embed),
+                asdict(self.overlap),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        layer = self.layer.replace("/", "_")
+        return (
+            f"{self.attack}-{self.norm}--{layer}--{self.engine}"
+            f"-s{self.seed}-p{self.perplexity:g}-{digest}"
+        )
+
+    @property
+    def row_path(self) -> Path:
+        return Path(self.run_dir) / "tasks" / f"{self.task_id}.json"
+
+    @property
+    def map_path(self) -> Path:
+        return Path(self.run_dir) / "tasks" / f"{self.task_id}.npz"
+
+    def identity(self) -> dict[str, Any]:
+        """The row fields that say which task a row belongs to (also for failed tasks)."""
+        return {
+            "task_id": self.task_id,
+            "attack": self.attack,
+            "norm": self.norm,
+            "eps": self.eps,
+            "layer": self.layer,
+            "layer_index": self.layer_index,
+            "engine": self.engine,
+            "seed": self.seed,
+            "perplexity": self.perplexity,
+            "k": self.overlap.k,
+        }
+
+
+def run_layer_task(task: LayerTask) -> dict[str, Any]:
+    """Analyse one layer; return its metrics row (read back when the task already ran)."""
+    if task.row_path.exists():
+        return json.loads(task.row_path.read_text())
+
+    from advlens.embed import TSNEParams, embed
+    from advlens.overlap import detector_auc, overlap, overlap_highdim, overlap_sweep
+    from advlens.reduce import reduce
+    from advlens.store import ActivationStore
+
+    store = ActivationStore.open(task.store, mode="r+")
+    samples = store.samples()
+    n = store.n
+    is_perturbed = np.repeat([False, True], n)
+    labels = np.concatenate([samples["label"], samples["label"]])
+
+    t0 = time.perf_counter()
+    x = reduce(store.joint(task.layer), task.embed.pca_dims, seed=task.seed, device=task.device)
+    t1 = time.perf_counter()
+
+    cfg = task.embed
+    params = TSNEParams(
+        perplexity=task.perplexity,
+        n_iter=cfg.n_iter,
+        early_exaggeration=cfg.early_exaggeration,
+        early_exaggeration_iter=cfg.early_exaggeration_iter,
+        learning_rate=cfg.learning_rate,
+        init=cfg.init,
+        seed=task.seed,
+        n_jobs=cfg.n_jobs,
+    )
+    emb = embed(x, engine=task.engine, params=params)
+    t2 = time.perf_counter()
+
+    ov = task.overlap
+    ks = tuple(sorted(set(ov.k_sweep) | {ov.k}))
+    ks = tuple(k for k in ks if k < 2 * n)
+    sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
+    main = overlap(
+        emb.xy,
+        is_perturbed,
+        k=ov.k,
+        variant=ov.variant,
+        labels=labels,
+        bootstrap=ov.bootstrap,
+        seed=task.seed,
+    )
+    base = sweep[("overlap", ov.k)]
+    reduced = overlap_highdim(x, is_perturbed, k=ov.k).value
+    auc = detector_auc(x, is_perturbed, k=ov.k, seed=task.seed)
+    t3 = time.perf_counter()
+
+    row = task.identity() | {
+        "n": n,
+        "success_rate": float(np.mean(samples["success"])),
+        "overlap": sweep[("overlap", ov.k)].value,
+        "mixing": sweep[("mixing", ov.k)].value,
+        "pair": sweep[("pair", ov.k)].value,
+        "value": main.value,
+        "variant": ov.variant,
+        "ci_low": main.ci[0] if main.ci else None,
+        "ci_high": main.ci[1] if main.ci else None,
+        "overlap_reduced": reduced,
+        "artefact_flag": bool(abs(reduced - base.value) > ARTEFACT_GAP),
+        "auc": auc,
+        "k_sweep": {f"{v}@{k}": o.value for (v, k), o in sweep.items()},
+        "per_class": {str(c): v for c, v in base.per_class.items()},
+        "seconds_reduce": t1 - t0,
+        "seconds_embed": t2 - t1,
+        "seconds_overlap": t3 - t2,
+        "engine_seconds": emb.seconds,
+        "error": None,
+    }
+    write_npz(
+        task.map_path,
+        xy=emb.xy,
+        is_perturbed=is_perturbed,
+        labels=labels,
+        per_point=base.per_point.astype(np.float32),
+    )
+    key = f"{task.engine}-{task.seed}" + (f"-p{task.perplexity:g}" if task.perplexity != 30 else "")
+    store.write_embedding(task.layer, key, emb.xy)
+    write_json(task.row_path, row)  # last: its presence marks the task done
+    return row

@@ -1,0 +1,75 @@
+"""The ``advlens`` command line.
+
+Each subcommand lives in its own module, which provides ``configure(parser)`` and
+``main(args) -> int``; this file only wires them, so a command's imports (torch, zarr, ...)
+are paid only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from advlens import __version__
+from advlens.errors import AdvlensError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("advlens.train", "train the default Fashion-MNIST CNN and cache its weights"),
+    "run": ("advlens.run", "attack, extract, embed and score every layer (the main job)"),
+    "layers": ("advlens.models.cli", "list a model's tappable layers with their output shapes"),
+    "bench": ("advlens.bench", "benchmark t-SNE engines on equal terms"),
+    "sweep": ("advlens.sweep", "run the layer analysis at growing sample sizes"),
+    "compare": ("advlens.report.compare", "one curve figure and table over several runs"),
+    "report": ("advlens.report.html", "(re)write a run's self-contained report.html"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advlens",
+        description="Where, inside a network, do adversarial examples part ways with clean inputs?",
+        epilog="Examples:\n  advlens run\n  advlens run --set data.n=200 --set attack.norms=linf\n"
+        "  advlens layers --model small-cnn\n  advlens <command> --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"advlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+        mod.configure(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.INFO if not args.quiet else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._main(args) or 0)
+    except AdvlensError as exc:
+        print(f"advlens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("advlens: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

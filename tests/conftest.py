@@ -1,0 +1,52 @@
+"""Shared fixtures. GPU tests carry ``@pytest.mark.gpu`` and are skipped without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Keep each test to the machine's cores (CI has 2) and make torch deterministic."""
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+@pytest.fixture(scope="session")
+def fmnist_model():
+    """The default small CNN trained on Fashion-MNIST (cached under $ADVLENS_CACHE) and the test split.
+
+    Trains once per machine (a few minutes on 2 cores); later sessions load the cached weights.
+    """
+    from advlens.config import ModelConfig
+    from advlens.data import FASHION_MNIST_DIR, load_dataset
+    from advlens.models import build_model
+
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    test = load_dataset("fashion-mnist", split="test")
+    model = build_model(ModelConfig(name="small-cnn"), "fashion-mnist", test.images.shape[1:], 10)
+    return model, test
