@@ -13,7 +13,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # takes the default (CUDA) build instead.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
 
-.PHONY: all-layers test setup data lint bench clean help
+.PHONY: all-layers test setup data browser lint bench clean help
 
 help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
@@ -48,8 +48,17 @@ all-layers: setup
 	$(BIN)/advlens run --config $(CONFIG) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Headless Chromium for the report's browser test (skipped, with the reason, without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "advlens: installing Debian's chromium for the report test"; \
+	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null \
+	    || echo "advlens: could not install chromium; the browser test will be skipped"; \
+	  else echo "advlens: chromium is missing (sudo apt-get install chromium); the browser test will be skipped"; fi; }
 
 lint: setup
 	$(BIN)/ruff check pipeline kernels tests benchmarks

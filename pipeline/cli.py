@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from advlens import progress
+
+    # --quiet swaps progress bars for periodic log lines; it does not silence the run.
+    progress.set_quiet(args.quiet)
+    # advlens' own messages at INFO; libraries (openTSNE, distributed, ...) only when they warn.
     logging.basicConfig(
-        level=logging.INFO if not args.quiet else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("advlens").setLevel(logging.INFO)
     try:
         return int(args._main(args) or 0)
     except AdvlensError as exc:

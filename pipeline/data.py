@@ -10,7 +10,6 @@ subsets.
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import re
 from dataclasses import dataclass
@@ -214,7 +213,7 @@ def _batch_files(folder: Path, split: str, suffix: str) -> list[Path]:
 
 def _cifar10(root: Path, split: str) -> Dataset:
     folder = _cifar_dir(root)
-    images, labels, source = [], [], []
+    images, labels = [], []
     bin_files = _batch_files(folder, split, ".bin")
     py_files = _batch_files(folder, split, "")
     if bin_files:
@@ -284,7 +283,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _unpickle(path: Path) -> dict:
     try:
         with path.open("rb") as fh:
-            obj = _CifarUnpickler(io.BufferedReader(fh), encoding="bytes").load()
+            obj = _CifarUnpickler(fh, encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: {exc}") from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -420,19 +419,20 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     if n < 0 or n > len(labels):
         raise DataError(f"cannot sample {n} of {len(labels)} samples: data.n must be in [0, {len(labels)}]")
     rng = np.random.default_rng(seed)
+    if n == 0:
+        return np.zeros(0, np.int64)
     classes, counts = np.unique(labels, return_counts=True)
-    quota = np.zeros(len(classes), dtype=np.int64)
-    left = n
-    while left > 0:  # water filling over the classes that still have samples
-        open_ = np.flatnonzero(quota < counts)
-        share, rest = divmod(left, len(open_))
-        add = np.minimum(np.full(len(open_), share), counts[open_] - quota[open_])
-        if rest:
-            extra = rng.choice(len(open_), size=rest, replace=False)
-            add[extra] += (quota[open_] + add < counts[open_])[extra]
-        quota[open_] += add
-        left = n - int(quota.sum())
+    # Water level: the largest L with sum(min(counts, L)) <= n; then one more sample for
+    # `rest` seeded random classes that have more than L.
+    level = 0
+    while level < counts.max() and np.minimum(counts, level + 1).sum() <= n:
+        level += 1
+    quota = np.minimum(counts, level)
+    rest = n - int(quota.sum())
+    if rest:
+        room = np.flatnonzero(counts > level)
+        quota[rng.choice(room, size=rest, replace=False)] += 1
     picks = [
         rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)
     ]
-    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, np.int64)
+    return np.sort(np.concatenate(picks)).astype(np.int64)

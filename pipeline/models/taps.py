@@ -1,0 +1,203 @@
+"""Layer taps: list a model's tappable layers, select them, and read their outputs.
+
+A model may name its taps with class attributes ``advlens_taps`` (module names, e.g.
+``("conv1", "block1", ...)``) and ``advlens_auto`` (the main stage outputs that ``auto``
+selects); otherwise every leaf module except dropout, identity and flatten is tappable and
+``auto`` means the model's top-level children. Hooks copy (clone) outputs because later
+in-place operations (``ReLU(inplace=True)``) would overwrite them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from advlens.errors import ConfigError, closest
+
+INPUT = "input"
+POOLS = ("none", "gap")
+_SKIP = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tappable layer: module name (``input`` for the image), per-sample output shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    auto: bool = False  # selected by ``auto`` (a main stage output)
+
+    @property
+    def size(self) -> int:
+        """Number of values per sample (flattened)."""
+        return int(np.prod(self.shape))
+
+    def dim(self, pool: str = "none") -> int:
+        """Feature dimension once tapped with ``pool`` (gap keeps the channels of (C, H, W))."""
+        if pool == "gap" and len(self.shape) == 3 and self.name != INPUT:
+            return self.shape[0]
+        return self.size
+
+
+def tap_names(model: nn.Module) -> list[str]:
+    """Candidate tap module names (declared by the model or its eligible leaf modules)."""
+    declared = getattr(model, "advlens_taps", None)
+    if declared is not None:
+        return list(declared)
+    return [
+        name
+        for name, m in model.named_modules()
+        if name and not any(True for _ in m.children()) and not isinstance(m, _SKIP)
+    ]
+
+
+def _auto_names(model: nn.Module) -> set[str]:
+    declared = getattr(model, "advlens_auto", None)
+    if declared is not None:
+        return set(declared)
+    return {name for name, m in model.named_children() if not isinstance(m, _SKIP)}
+
+
+def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
+    """Tappable layers in forward order with per-sample output shapes; first entry ``input``.
+
+    Runs one forward pass on a zero image (in eval mode, without gradients). A module that
+    runs several times per forward is recorded with its last call; modules that never run
+    are left out.
+    """
+    names = tap_names(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ConfigError(f"model declares taps {missing} that are not modules of it")
+    order: dict[str, tuple[int, ...]] = {}
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            out = _first_tensor(out)
+            order.pop(name, None)  # a repeated call moves to its last position
+            order[name] = tuple(out.shape[1:])
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.zeros((1, *[int(s) for s in in_shape]), device=_device(model))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    auto = _auto_names(model)
+    infos = [LayerInfo(INPUT, tuple(int(s) for s in in_shape), auto=False)]
+    infos += [LayerInfo(n, s, auto=n in auto) for n, s in order.items()]
+    if not any(i.auto for i in infos):  # e.g. a single Sequential child: then all are main
+        infos = [LayerInfo(i.name, i.shape, auto=i.name != INPUT) for i in infos]
+    return infos
+
+
+def select_layers(
+    catalog: Sequence[LayerInfo], patterns: Sequence[str], include_input: bool = True
+) -> list[str]:
+    """Names selected by ``patterns`` (exact names, globs, ``auto``, ``all``) in catalog order.
+
+    ``input`` comes first when ``include_input`` (or when a pattern names it). A pattern that
+    matches nothing raises ConfigError listing the closest layer names.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    layers = [i.name for i in catalog if i.name != INPUT]
+    chosen: set[str] = set()
+    for pat in patterns:
+        if pat == "all":
+            hit = set(layers)
+        elif pat == "auto":
+            hit = {i.name for i in catalog if i.auto}
+        elif pat == INPUT:
+            hit = {INPUT}
+        else:
+            hit = {n for n in layers if fnmatch.fnmatchcase(n, pat)}
+        if not hit:
+            raise ConfigError(
+                f"layers.select: {pat!r} matches no layer of this model; "
+                f"{closest(pat, [INPUT, *layers])} (see `advlens layers --model ...`)"
+            )
+        chosen |= hit
+    if include_input:
+        chosen.add(INPUT)
+    return [i.name for i in catalog if i.name in chosen]
+
+
+def tap_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    pool: str = "none",
+    grad: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``model(x)``; return the logits and ``{layer: (B, D) activations}``.
+
+    Outputs are cloned inside the hook, before any later in-place op can change them.
+    ``pool="gap"`` averages (B, C, H, W) outputs over H and W (never the input image).
+    Without ``grad`` the forward runs under ``torch.no_grad()``.
+    """
+    if pool not in POOLS:
+        raise ConfigError(f"layers.pool = {pool!r}: valid values are {', '.join(POOLS)}")
+    modules = dict(model.named_modules())
+    unknown = [n for n in layers if n != INPUT and n not in modules]
+    if unknown:
+        raise ConfigError(f"unknown layer {unknown[0]!r}; {closest(unknown[0], tap_names(model))}")
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            acts[name] = _flatten(_first_tensor(out).clone(), pool)
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers if n != INPUT]
+    try:
+        with torch.set_grad_enabled(grad):
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in layers:  # in the caller's order
+        if name == INPUT:
+            out[name] = x.detach().reshape(len(x), -1).clone() if not grad else x.reshape(len(x), -1)
+        elif name in acts:
+            out[name] = acts[name]
+        else:
+            raise ConfigError(f"layer {name!r} did not run during the forward pass")
+    return logits, out
+
+
+def _flatten(t: torch.Tensor, pool: str) -> torch.Tensor:
+    if pool == "gap" and t.ndim == 4:
+        return t.mean(dim=(2, 3))
+    return t.reshape(len(t), -1)
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, list | tuple) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot tap a module whose output is {type(out).__name__}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

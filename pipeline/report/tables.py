@@ -1,0 +1,279 @@
+"""Metrics tables: write/read ``metrics.json`` and ``metrics.csv``, aggregate repeats, read maps.
+
+A run's metrics rows (one per layer x norm x attack x engine x seed x perplexity, keys in
+:data:`ROW_KEYS`) are written as-is; where a layer ran several times (seeds, perplexities,
+engines) :func:`aggregate` gives one row per (attack, norm, layer) with the mean, the standard
+deviation (ddof=1) and a percentile bootstrap interval of the mean over the repeats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advlens.errors import StoreError
+
+ROW_KEYS = (
+    "attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k", "n",
+    "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "artefact_flag", "auc",
+    "ci_low", "ci_high", "seconds_reduce", "seconds_embed", "seconds_overlap", "error",
+)  # fmt: skip
+METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc")
+GROUP_KEYS = ("attack", "norm", "layer")
+REPEAT_KEYS = ("engine", "seed", "perplexity")
+ARTEFACT_GAP = 0.2  # |overlap on the map - overlap on the reduced points| above this: flag
+N_BOOT = 2000
+
+
+# ---------------------------------------------------------------- JSON/CSV I/O
+def _plain(v: Any) -> Any:
+    """A JSON-safe value: numpy scalars to Python, NaN to None, paths and objects to str."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def _sort_key(row: dict) -> tuple:
+    def s(v: Any) -> tuple:  # None last, numbers before strings
+        return (v is None, isinstance(v, str), v if v is not None else 0)
+
+    return tuple(s(row.get(k)) for k in ("attack", "norm", "layer_index", *REPEAT_KEYS))
+
+
+def clean_rows(rows: Iterable[dict]) -> list[dict]:
+    """JSON-safe copies of ``rows`` in table order, every :data:`ROW_KEYS` key present."""
+    out = []
+    for row in rows:
+        r = {k: _plain(row.get(k)) for k in ROW_KEYS}
+        r.update({k: _plain(v) for k, v in row.items() if k not in r})
+        out.append(r)
+    return sorted(out, key=_sort_key)
+
+
+def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` to CSV with ``keys`` first, then any extra scalar keys; None -> empty."""
+    keys = list(keys or [])
+    for row in rows:
+        keys += [k for k, v in row.items() if k not in keys and not isinstance(v, dict | list)]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if row.get(k) is None else row.get(k) for k in keys})
+    tmp.replace(path)
+    return path
+
+
+def write_metrics(
+    run_dir: str | Path, rows: Sequence[dict], layers: Sequence[str]
+) -> dict[str, Path]:
+    """Write ``metrics.json`` (rows, aggregate, layers), ``metrics.csv`` and, when repeats
+    exist, ``metrics_aggregate.csv``. Returns the written paths by name."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = clean_rows(rows)
+    agg = aggregate(rows, layers)
+    doc = {"layers": list(layers), "rows": rows, "aggregate": agg}
+    out = {"metrics.json": run_dir / "metrics.json", "metrics.csv": run_dir / "metrics.csv"}
+    tmp = out["metrics.json"].with_name("metrics.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    tmp.replace(out["metrics.json"])
+    write_csv(out["metrics.csv"], rows, ROW_KEYS)
+    if any(a["n_repeats"] > 1 for a in agg):
+        out["metrics_aggregate.csv"] = write_csv(run_dir / "metrics_aggregate.csv", agg)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """The rows and the layer order of a run folder (``metrics.json``)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise StoreError(
+            f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished run folder? "
+            "Run `advlens run` first, or pass the folder holding metrics.json."
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); rerun `advlens run`") from None
+    rows = doc["rows"] if isinstance(doc, dict) else doc
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    return rows, list(layers or layer_order(rows))
+
+
+def layer_order(rows: Iterable[dict]) -> list[str]:
+    """Layers sorted by ``layer_index`` (first seen wins)."""
+    seen: dict[str, float] = {}
+    for r in rows:
+        if r.get("layer") is not None and r["layer"] not in seen:
+            seen[r["layer"]] = r.get("layer_index") if r.get("layer_index") is not None else 1e9
+    return sorted(seen, key=lambda name: seen[name])
+
+
+# ---------------------------------------------------------------- aggregation
+def bootstrap_mean(values: np.ndarray, *, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval of the mean of ``values`` (seeded)."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        v = float(values[0]) if values.size else float("nan")
+        return v, v
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "boot_low": None, "boot_high": None}
+    lo, hi = bootstrap_mean(v)
+    std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "std": std, "boot_low": lo, "boot_high": hi}
+
+
+def ok_rows(rows: Iterable[dict]) -> list[dict]:
+    """Rows of tasks that succeeded (no error, an overlap value)."""
+    return [r for r in rows if not r.get("error") and r.get("overlap") is not None]
+
+
+def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list[dict]:
+    """One row per (attack, norm, layer) over the repeats (engines, seeds, perplexities).
+
+    Each metric m in :data:`METRICS` gets ``m_mean``, ``m_std`` (ddof=1; 0 for one repeat),
+    ``m_boot_low`` and ``m_boot_high`` (95% percentile bootstrap of the mean over repeats).
+    ``artefact_flag`` compares the mean overlap on the map with that on the reduced points.
+    """
+    rows = ok_rows(rows)
+    order = {name: i for i, name in enumerate(layers or layer_order(rows))}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    out = []
+    for (attack, norm, layer), rs in groups.items():
+        first = rs[0]
+        a: dict[str, Any] = {
+            "attack": attack,
+            "norm": norm,
+            "eps": first.get("eps"),
+            "layer": layer,
+            "layer_index": order.get(layer, first.get("layer_index")),
+            "k": first.get("k"),
+            "n": first.get("n"),
+            "success_rate": first.get("success_rate"),
+            "n_repeats": len(rs),
+            # one map: its own bootstrap interval over points (from the overlap stage)
+            "ci_low": first.get("ci_low") if len(rs) == 1 else None,
+            "ci_high": first.get("ci_high") if len(rs) == 1 else None,
+        }
+        for key in REPEAT_KEYS:
+            a[key + "s"] = " ".join(sorted({str(r.get(key)) for r in rs}))
+        for m in METRICS:
+            for stat, v in _stats([r.get(m) for r in rs]).items():
+                a[f"{m}_{stat}"] = v
+        om, rm = a["overlap_mean"], a["overlap_reduced_mean"]
+        a["artefact_flag"] = bool(om is not None and rm is not None and abs(om - rm) > ARTEFACT_GAP)
+        out.append(a)
+    return sorted(out, key=_sort_key)
+
+
+# ---------------------------------------------------------------- per-task maps
+@dataclass(frozen=True)
+class TaskMap:
+    """One layer task's 2-D map (``tasks/<id>.npz``) and its metrics row."""
+
+    row: dict
+    xy: np.ndarray
+    is_perturbed: np.ndarray
+    labels: np.ndarray
+    per_point: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.xy.shape[0]
+        if self.xy.shape != (n, 2) or any(
+            a.shape != (n,) for a in (self.is_perturbed, self.labels, self.per_point)
+        ):
+            raise StoreError(f"task map for layer {self.row.get('layer')!r}: inconsistent shapes")
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row.get(k)) for k in (*GROUP_KEYS, *REPEAT_KEYS))
+
+
+def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str], list[TaskMap]]:
+    """The primary repeat's map of every layer, per (attack, norm), in layer order.
+
+    The primary repeat is the first engine, seed and perplexity in table order; task files are
+    matched to rows through the row stored beside each ``tasks/<id>.npz``.
+    """
+    tasks = Path(run_dir) / "tasks"
+    by_key: dict[tuple, Path] = {}
+    for js in sorted(tasks.glob("*.json")) if tasks.is_dir() else []:
+        try:
+            by_key[_key(json.loads(js.read_text()))] = js.with_suffix(".npz")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a half-written file from a killed run: its task reruns
+    out: dict[tuple[str, str], list[TaskMap]] = {}
+    seen: set[tuple] = set()
+    for r in clean_rows(ok_rows(rows)):
+        group = tuple(str(r.get(k)) for k in GROUP_KEYS)
+        path = by_key.get(_key(r))
+        if group in seen or path is None or not path.is_file():
+            continue
+        seen.add(group)
+        with np.load(path) as z:
+            m = TaskMap(
+                r,
+                np.asarray(z["xy"], dtype=float),
+                np.asarray(z["is_perturbed"], dtype=bool),
+                np.asarray(z["labels"]),
+                np.asarray(z["per_point"], dtype=float),
+            )
+        out.setdefault((r["attack"], r["norm"]), []).append(m)
+    return out
+
+
+def knn_overlap_sweep(xy: np.ndarray, is_perturbed: np.ndarray, ks: Sequence[int]) -> dict:
+    """``overlap`` at each k (one kNN pass at max k): :func:`advlens.overlap.overlap_sweep`
+    where present, else the same definition through a SciPy k-d tree."""
+    ks = [k for k in ks if 0 < k < len(xy)]
+    try:
+        from advlens.overlap import overlap_sweep
+    except ImportError:
+        overlap_sweep = None
+    if overlap_sweep is not None:
+        res = overlap_sweep(xy, is_perturbed, ks=tuple(ks), variants=("overlap",))
+        return {k: float(res[("overlap", k)].value) for k in ks}
+    from scipy.spatial import cKDTree
+
+    kmax = max(ks, default=0)
+    if kmax == 0:
+        return {}
+    _, idx = cKDTree(xy).query(xy, k=kmax + 1)
+    # drop the point itself (it need not come first when points coincide)
+    keep = idx != np.arange(len(xy))[:, None]
+    keep[keep.all(axis=1), -1] = False
+    nbr = idx[keep].reshape(len(xy), kmax)
+    other = is_perturbed[nbr] != is_perturbed[:, None]
+    return {k: float(other[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def per_class_overlap(m: TaskMap) -> dict[int, float]:
+    """Share of overlapping points (clean and perturbed) per true class."""
+    return {int(c): float(m.per_point[m.labels == c].mean()) for c in np.unique(m.labels)}

@@ -1,0 +1,197 @@
+"""Run the whole layer analysis at growing sample sizes: time per stage and metric against N.
+
+Each size is a full `advlens run` of the same configuration with data.n set to that size, in
+runs/sweep-<name>/n<N>/ (resumable like any run). The sweep writes sweep.json, sweep.md
+(seconds per stage per N; overlap per layer per N) and sweep.png into runs/sweep-<name>/,
+updated after every size so a long sweep keeps what it has measured.
+
+Examples:
+  advlens sweep --n 200,500,1000
+  advlens sweep --n 1000,10000,100000 --config configs/default.toml --set embed.engine=auto
+  advlens sweep --n 500,1000 --set attack.norms=linf --name linf-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from advlens.errors import ConfigError
+
+ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
+            "n", "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "auc",
+            "seconds_reduce", "seconds_embed", "seconds_overlap", "error")  # fmt: skip
+NORM_COLOURS = {"l2": "#1f77b4", "linf": "#ff7f0e"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", required=True, help="sample sizes, comma list: 1000,10000,100000")
+    parser.add_argument("--config", default=None, help="TOML file (default: configs/default.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting for every size, e.g. --set embed.engine=auto")  # fmt: skip
+    parser.add_argument(
+        "--name", default=None, help="sweep name (default: the config's output.name)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    sizes = parse_sizes(args.n)
+    out = run_sweep(sizes, config=args.config, overrides=args.overrides, name=args.name,
+                    progress=not getattr(args, "quiet", False))  # fmt: skip
+    print(render_markdown(out))
+    print(f"wrote {Path(out['folder']) / 'sweep.json'} (.md, .png beside)")
+    return 0
+
+
+def parse_sizes(text: str) -> list[int]:
+    sizes = []
+    for item in str(text).split(","):
+        item = item.strip().replace("_", "")
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError(f"--n: {item!r} is not an integer, e.g. --n 1000,10000") from None
+        if value < 1:
+            raise ConfigError(f"--n: {value} must be at least 1")
+        sizes.append(value)
+    if not sizes:
+        raise ConfigError("--n: give at least one sample size, e.g. --n 1000,10000")
+    return sorted(set(sizes))
+
+
+def run_sweep(
+    sizes: list[int],
+    *,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One :func:`advlens.run.run` per size; returns (and writes) the sweep summary."""
+    from advlens.config import load
+    from advlens.run import run
+
+    overrides = list(overrides or [])
+    base = load(config, overrides)
+    name = name or base.output.name
+    folder = Path(base.output.root) / f"sweep-{name}"
+    out: dict[str, Any] = {"name": name, "folder": str(folder), "config": config,
+                           "overrides": overrides, "sizes": []}  # fmt: skip
+    for n in sizes:
+        cfg = load(config, [*overrides, f"data.n={n}", f'output.name="sweep-{name}/n{n}"'])
+        t = time.perf_counter()
+        result = run(cfg, progress=progress)
+        out["sizes"].append(
+            {
+                "n": n,
+                "run_dir": str(result.run_dir),
+                "wall_seconds": time.perf_counter() - t,
+                "timings": dict(result.timings),
+                "rows": [{k: r.get(k) for k in ROW_KEYS} for r in result.rows],
+            }
+        )
+        out["summary"] = summarise(out["sizes"])
+        write_outputs(out, folder)
+    return out
+
+
+def _group(row: dict[str, Any]) -> str:
+    return f"{row.get('attack')}-{row.get('norm')}"
+
+
+def _variant(row: dict[str, Any]) -> str:
+    return f"{row.get('engine')} s{row.get('seed')} p{row.get('perplexity')}"
+
+
+def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per stage per N, and overlap per (attack-norm, layer, engine) per N."""
+    stages = list(dict.fromkeys(k for e in entries for k in e["timings"]))
+    metric: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        for r in e["rows"]:
+            key = f"{_group(r)} | {r.get('layer')} | {_variant(r)}"
+            slot = metric.setdefault(key, {"layer_index": r.get("layer_index"), "values": {}})
+            slot["values"][str(e["n"])] = r.get("overlap")
+    for slot in metric.values():
+        vals = [v for v in slot["values"].values() if isinstance(v, float) and math.isfinite(v)]
+        steps = [abs(b - a) for a, b in zip(vals, vals[1:], strict=False)]
+        slot["max_change"] = max(steps) if steps else None
+    return {"stages": stages, "overlap": metric}
+
+
+def render_markdown(out: dict[str, Any]) -> str:
+    entries = out["sizes"]
+    summary = out.get("summary") or summarise(entries)
+    stages = summary["stages"]
+    lines = [f"# Sweep {out['name']}", "", "## Seconds per stage", "",
+             "| N | " + " | ".join(stages) + " | wall |",
+             "|---:|" + "---:|" * (len(stages) + 1)]  # fmt: skip
+    for e in entries:
+        cells = [f"{e['timings'].get(s, float('nan')):.1f}" for s in stages]
+        lines.append(f"| {e['n']} | " + " | ".join(cells) + f" | {e['wall_seconds']:.1f} |")
+    ns = [str(e["n"]) for e in entries]
+    lines += ["", "## Overlap per layer against N", "",
+              "| attack-norm | layer | engine | " + " | ".join(f"N={n}" for n in ns)
+              + " | max change |", "|---|---|---|" + "---:|" * (len(ns) + 1)]  # fmt: skip
+    for key, slot in sorted(summary["overlap"].items(), key=lambda kv: (kv[0].split(" | ")[0],
+                                                                         kv[1]["layer_index"] or 0)):  # fmt: skip
+        vals = [slot["values"].get(n) for n in ns]
+        cells = ["-" if v is None else f"{v:.3f}" for v in vals]
+        change = "-" if slot["max_change"] is None else f"{slot['max_change']:.3f}"
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
+    from advlens._io import atomic_write, write_json
+
+    folder = Path(folder)
+    paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
+    write_json(paths[0], out)
+    atomic_write(paths[1], render_markdown(out).encode())
+    atomic_write(paths[2], lambda p: _plot(out, p))
+    return paths
+
+
+def _plot(out: dict[str, Any], path: Path) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    entries = out["sizes"]
+    groups = sorted({_group(r) for e in entries for r in e["rows"]})
+    fig = Figure(figsize=(5 + 4.5 * len(groups), 4.2))
+    axes = fig.subplots(1, 1 + len(groups), squeeze=False)[0]
+    ns = [e["n"] for e in entries]
+    for stage in (out.get("summary") or summarise(entries))["stages"]:
+        axes[0].plot(ns, [max(e["timings"].get(stage, 0.0), 1e-3) for e in entries], "o-",
+                     label=stage)  # fmt: skip
+    axes[0].plot(ns, [e["wall_seconds"] for e in entries], "k--", label="wall")
+    axes[0].set(xscale="log", yscale="log", xlabel="N (attacked samples)", ylabel="seconds",
+                title="time per stage")  # fmt: skip
+    axes[0].legend(fontsize=7)
+    cmap = colormaps["viridis"]
+    for ax, group in zip(axes[1:], groups, strict=True):
+        for j, e in enumerate(entries):
+            rows = [r for r in e["rows"] if _group(r) == group and r.get("overlap") is not None]
+            # one line per N: the first engine / seed / perplexity of the group
+            rows = sorted((r for r in rows if _variant(r) == _variant(rows[0])) if rows else [],
+                          key=lambda r: r.get("layer_index") or 0)  # fmt: skip
+            if not rows:
+                continue
+            colour = cmap(j / max(1, len(entries) - 1))
+            ax.plot([r["layer_index"] for r in rows], [r["overlap"] for r in rows], "o-",
+                    color=colour, label=f"N={e['n']}")  # fmt: skip
+            ax.set_xticks([r["layer_index"] for r in rows], [r["layer"] for r in rows],
+                          rotation=45, ha="right", fontsize=7)  # fmt: skip
+        norm = group.rsplit("-", 1)[-1]
+        ax.set_title(group, color=NORM_COLOURS.get(norm, "black"))
+        ax.set(ylim=(-0.02, 1.02), ylabel="overlap")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sweep {out['name']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)

@@ -1,0 +1,395 @@
+"""advlens.kernels: exact kNN (2-D grid and high-dim brute force) against SciPy's cKDTree.
+
+Oracle for ties: cKDTree finds a radius holding the k nearest (its (k+1)-th distance, the point
+itself included), ``query_ball_point`` lists every point within it, and those are sorted by
+(squared distance, index) with the squared distance computed as in the kernels.
+The CUDA source is also compiled for the CPU (g++) and run thread by thread, so that its logic is
+checked here; the same source runs on a GPU in the ``gpu`` tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.spatial import cKDTree
+
+from advlens.errors import ConfigError, DataError
+from advlens.kernels import knn, knn2d
+from advlens.kernels.bruteforce import knn_torch
+from advlens.kernels.grid import Grid, knn2d_reference, plan_grid
+from advlens.kernels.grid_cuda import SIGNATURES, SOURCE, run_grid_knn
+
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+
+
+def oracle(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest by (squared distance, index), self excluded, via cKDTree."""
+    x = np.asarray(x, dtype=np.float64)
+    tree = cKDTree(x)
+    d, _ = tree.query(x, k + 1)
+    radius = d[:, -1] * (1 + 1e-9) + 1e-300
+    idx = np.empty((len(x), k), np.int64)
+    d2 = np.empty((len(x), k))
+    for i, cand in enumerate(tree.query_ball_point(x, radius)):
+        c = np.array([j for j in cand if j != i], dtype=np.int64)
+        diff = x[c] - x[i]
+        if x.shape[1] == 2:  # the 2-D kernels' exact formula: dx*dx + dy*dy
+            dd = diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1]
+        else:
+            dd = (diff * diff).sum(axis=1)
+        o = np.lexsort((c, dd))[:k]
+        idx[i], d2[i] = c[o], dd[o]
+    return idx, np.sqrt(d2)
+
+
+@st.composite
+def point_sets(draw, max_n: int = 120):
+    """2-D sets with duplicates, collinear points, integer grids, clusters and outliers."""
+    n = draw(st.integers(2, max_n))
+    kind = draw(st.sampled_from(["integer", "normal", "line", "diagonal", "cluster", "same"]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "integer":  # many exact ties and duplicates
+        xy = rng.integers(0, draw(st.integers(1, 6)), size=(n, 2)).astype(np.float64)
+    elif kind == "normal":
+        xy = rng.normal(size=(n, 2)) * draw(st.sampled_from([1e-3, 1.0, 1e4]))
+    elif kind == "line":
+        xy = np.c_[rng.integers(0, 30, n), np.full(n, 2.0)].astype(np.float64)
+    elif kind == "diagonal":
+        t = rng.integers(0, 30, n)
+        xy = np.c_[t, t].astype(np.float64)
+    elif kind == "cluster":
+        xy = rng.normal(size=(n, 2)) * 0.01
+        xy[: max(1, n // 20)] += 1000.0
+    else:
+        xy = np.full((n, 2), 3.5)
+    k = draw(st.integers(1, n - 1))
+    return xy, k
+
+
+def test_plan_grid_targets_occupancy() -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 10, size=(5000, 2))
+    grid, _, _, cx, cy = plan_grid(xy[:, 0], xy[:, 1], 8.0)
+    counts = np.bincount(cy * grid.gx + cx, minlength=grid.n_cells)
+    assert 4 <= counts.mean() <= 16
+    # clustered data with far outliers: the grid adapts to the occupied cells
+    xy = np.r_[rng.normal(size=(5000, 2)) * 0.1, [[1e6, 1e6], [-1e6, 3]]]
+    grid, _, _, cx, cy = plan_grid(xy[:, 0], xy[:, 1], 8.0)
+    counts = np.bincount(cy * grid.gx + cx)
+    assert (counts**2).sum() / len(xy) <= 4 * 8.0
+
+
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+@SETTINGS
+@given(case=point_sets())
+def test_knn2d_matches_ckdtree(method, case) -> None:
+    xy, k = case
+    idx, dist = knn2d(xy, k, method=method)
+    want_i, want_d = oracle(xy, k)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_array_equal(dist, want_d)
+    assert dist.dtype == np.float64 and idx.dtype == np.int64
+
+
+@SETTINGS
+@given(
+    n=st.integers(2, 80),
+    k_frac=st.floats(0, 1),
+    h=st.sampled_from([0.5, 1.0, 2.0, 7.0]),
+    g=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_knn2d_points_on_cell_borders(n, k_frac, h, g, seed) -> None:
+    """Integer points on a grid whose cell borders fall on them (h = 0.5, 1, 2), or not (7)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, 8, size=(n, 2)).astype(np.float64)
+    k = 1 + int(k_frac * (n - 2))
+    grid = Grid(x0=0.0, y0=0.0, h=h, gx=g, gy=max(1, g // 2), slack=1e-12 * (16 / h + 2 * g + 3))
+    idx, dist = knn2d_reference(xy, k, grid=grid, budget=int(rng.integers(1, 400)))
+    want_i, want_d = oracle(xy, k)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_array_equal(dist, want_d)
+
+
+@pytest.mark.parametrize("h, g", [(1.0, 10), (0.5, 20), (2.0, 3), (2.0, 5), (1.0, 1)])
+def test_knn2d_ties_at_the_search_bound(h, g) -> None:
+    """Dense integer points, cells of 2: the k-th neighbour often lies exactly at the bound of
+    the searched block, tied with an unsearched point of lower index."""
+    xy = np.random.default_rng(4).integers(0, 10, size=(300, 2)).astype(np.float64)
+    grid = Grid(0.0, 0.0, h, g, g, 1e-12 * (10 / h + 2 * g + 3))
+    for k in (4, 8, 21, 60, 90, 130):
+        np.testing.assert_array_equal(knn2d_reference(xy, k, grid=grid)[0], oracle(xy, k)[0])
+
+
+def test_knn2d_large_clustered_with_outliers() -> None:
+    """Over 1000 points: the trimmed box clips outliers into edge cells; continuous data, no ties."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(8, 2)) * 40
+    xy = centres[rng.integers(0, 8, 6000)] + rng.normal(size=(6000, 2)) * rng.uniform(
+        0.2, 3, (6000, 1)
+    )
+    xy[:12] = rng.normal(size=(12, 2)) * 1e5
+    idx, dist = knn2d(xy, 15, method="grid")
+    d_ref, i_ref = cKDTree(xy).query(xy, 16)
+    np.testing.assert_array_equal(idx, i_ref[:, 1:])
+    np.testing.assert_allclose(dist, d_ref[:, 1:], rtol=1e-12)
+    # the exact-cKDTree path is bit-identical, also with ties (an integer grid)
+    ints = rng.integers(0, 60, size=(6000, 2)).astype(np.float64)
+    for pts in (xy, ints):
+        a, b = knn2d(pts, 15, method="grid"), knn2d(pts, 15, method="kdtree")
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_knn2d_k_bounds_and_sets_smaller_than_k() -> None:
+    rng = np.random.default_rng(2)
+    xy = rng.normal(size=(7, 2))
+    idx, _ = knn2d(xy, 6)  # k = n - 1: every other point, nearest first
+    for i in range(7):
+        assert sorted(idx[i]) == [j for j in range(7) if j != i]
+    np.testing.assert_array_equal(idx, oracle(xy, 6)[0])
+    with pytest.raises(ConfigError, match="k = 7 is larger than the 6 other points"):
+        knn2d(xy, 7)
+    with pytest.raises(ConfigError, match="at least 1"):
+        knn2d(xy, 0)
+    with pytest.raises(ConfigError):
+        knn2d(xy[:1], 1)
+    with pytest.raises(ConfigError, match="integer"):
+        knn2d(xy, 2.5)
+    with pytest.raises(ConfigError, match="closest valid names.*kdtree"):
+        knn2d(xy, 2, method="kd-tree")
+    # k larger than one of two sets: 3 clean among 40 points, k = 10
+    xy = np.r_[rng.normal(size=(3, 2)), rng.normal(size=(37, 2)) + 0.5]
+    np.testing.assert_array_equal(knn2d(xy, 10)[0], oracle(xy, 10)[0])
+
+
+def test_knn2d_bad_input() -> None:
+    xy = np.zeros((5, 2))
+    xy[3, 1] = np.nan
+    with pytest.raises(DataError, match="1 of 5 points contain NaN"):
+        knn2d(xy, 2)
+    with pytest.raises(DataError, match=r"shape \(5, 3\)"):
+        knn2d(np.zeros((5, 3)), 2)
+    with pytest.raises(DataError, match="dtype"):
+        knn2d(np.zeros((5, 2), dtype=complex), 2)
+
+
+def test_knn2d_dtypes_and_torch_cpu() -> None:
+    import torch
+
+    rng = np.random.default_rng(3)
+    xy = rng.normal(size=(300, 2)).astype(np.float32)
+    idx, dist = knn2d(xy, 5)
+    assert dist.dtype == np.float32
+    np.testing.assert_array_equal(idx, oracle(xy, 5)[0])  # ordered by the float64 distances
+    t_idx, t_dist = knn2d(torch.from_numpy(xy), 5)
+    assert isinstance(t_idx, torch.Tensor) and t_dist.dtype == torch.float32
+    np.testing.assert_array_equal(t_idx.numpy(), idx)
+    ints = rng.integers(0, 5, size=(50, 2))
+    np.testing.assert_array_equal(knn2d(ints, 4)[0], oracle(ints.astype(float), 4)[0])
+
+
+# -- the CUDA source, compiled for the CPU ----------------------------------------------
+
+PRELUDE = r"""
+#include <cmath>
+#include <cstring>
+struct advlens_dim3 { unsigned int x; };
+static advlens_dim3 blockIdx, blockDim, threadIdx;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+using std::sqrt;
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
+{ unsigned long long o = *p; *p += v; return o; }
+"""
+
+
+def _emulator_source(k: int) -> str:
+    parts = [PRELUDE, f"#define KNN_K {k}", SOURCE]
+    for name, types in SIGNATURES.items():
+        params = ", ".join(f"{t} a{i}" for i, t in enumerate(types))
+        names = ", ".join(f"a{i}" for i in range(len(types)))
+        parts.append(
+            f'extern "C" void {name}_emulate(long long threads, {params}) {{\n'
+            "  blockDim.x = 1; threadIdx.x = 0;\n"
+            f"  for (long long t = 0; t < threads; ++t) {{ blockIdx.x = (unsigned)t; {name}({names}); }}\n"
+            "}\n"
+        )
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """Build the CUDA source for the CPU with g++ (no FMA contraction) for a few k."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed")
+    libs = {}
+    for k in (1, 3, 8):
+        src = tmp_path_factory.mktemp("cuda_emu") / f"knn{k}.cpp"
+        src.write_text(_emulator_source(k))
+        so = src.with_suffix(".so")
+        cmd = [gxx, "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(so), str(src)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        libs[k] = ctypes.CDLL(str(so))
+    ctype = {
+        "long long": ctypes.c_longlong,
+        "int": ctypes.c_int,
+        "double": ctypes.c_double,
+    }
+
+    def launch_for(k):
+        def launch(name, n_threads, args):
+            conv = []
+            for t, a in zip(SIGNATURES[name], args, strict=True):
+                if t.endswith("*"):
+                    assert isinstance(a, np.ndarray) and a.flags.c_contiguous
+                    conv.append(ctypes.c_void_p(a.ctypes.data))
+                else:
+                    conv.append(ctype[t](a.item()))
+            getattr(libs[k], f"{name}_emulate")(ctypes.c_longlong(n_threads), *conv)
+
+        return launch
+
+    return launch_for
+
+
+@SETTINGS
+@given(case=point_sets(max_n=90), ppc=st.sampled_from([None, 0.3, 1.0, 5.0]))
+def test_cuda_source_emulated_matches_reference(emulator, case, ppc) -> None:
+    xy, k = case
+    k = max(c for c in (1, 3, 8) if c <= k)  # the emulator is built for these k
+    idx, dist, rings = run_grid_knn(xy, k, np, emulator(k), ppc=ppc)
+    want_i, want_d = knn2d_reference(xy, k)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_array_equal(dist, want_d)
+    assert rings.min() >= 0
+
+
+def test_cuda_source_emulated_on_cell_borders(emulator) -> None:
+    rng = np.random.default_rng(4)
+    xy = rng.integers(0, 10, size=(300, 2)).astype(np.float64)
+    for h, g in ((1.0, 10), (0.5, 20), (2.0, 3), (1.0, 1)):
+        grid = Grid(0.0, 0.0, h, g, g, 1e-12 * (10 / h + 2 * g + 3))
+        idx, dist, _ = run_grid_knn(xy, 8, np, emulator(8), grid=grid)
+        np.testing.assert_array_equal(idx, oracle(xy, 8)[0])
+
+
+# -- high-dimensional kNN ----------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    n=st.integers(2, 90),
+    d=st.integers(1, 24),
+    kind=st.sampled_from(["normal", "integer", "offset"]),
+    k_frac=st.floats(0, 1),
+    fast=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_knn_highdim_matches_ckdtree(n, d, kind, k_frac, fast, seed) -> None:
+    import torch
+
+    rng = np.random.default_rng(seed)
+    if kind == "integer":  # exact ties, duplicates: the certificate fails, rows are redone
+        x = rng.integers(0, 3, size=(n, d)).astype(np.float64)
+    elif kind == "offset":  # far from the origin: rounding of the Gram matrix matters
+        x = rng.normal(size=(n, d)) + 1e4
+    else:
+        x = rng.normal(size=(n, d))
+    k = 1 + int(k_frac * (n - 2))
+    idx, dist = knn_torch(torch.from_numpy(x), k, fast=fast)
+    want_i, want_d = oracle(x, k)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12, atol=1e-12)
+
+
+def test_knn_highdim_dispatch_and_errors() -> None:
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 30)).astype(np.float32)
+    idx, dist = knn(x, 7)
+    assert idx.shape == (500, 7) and dist.dtype == np.float32
+    d_ref, i_ref = cKDTree(x.astype(np.float64)).query(x.astype(np.float64), 8)
+    np.testing.assert_array_equal(idx, i_ref[:, 1:])
+    t_idx, _ = knn(torch.from_numpy(x), 7)
+    np.testing.assert_array_equal(t_idx.numpy(), idx)
+    with pytest.raises(ConfigError, match="k = 500"):
+        knn(x, 500)
+    x[7, 3] = np.inf
+    with pytest.raises(DataError, match="NaN or inf"):
+        knn(x, 3)
+
+
+# -- GPU: the CUDA kernel and the torch brute force against the CPU --------------------
+
+
+def _gpu_cases():
+    rng = np.random.default_rng(6)
+    yield "uniform", rng.uniform(-50, 50, size=(100_000, 2))
+    yield "integer", rng.integers(0, 300, size=(60_000, 2)).astype(np.float64)
+    centres = rng.normal(size=(10, 2)) * 30
+    xy = centres[rng.integers(0, 10, 80_000)] + rng.normal(size=(80_000, 2))
+    xy[:20] *= 1e4
+    yield "clustered", xy.astype(np.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_gpu_knn2d_equals_reference(k) -> None:
+    cp = pytest.importorskip("cupy")
+    for name, xy in _gpu_cases():
+        idx, dist = knn2d(cp.asarray(xy), k)
+        want_i, want_d = knn2d(xy, k)
+        assert isinstance(idx, cp.ndarray), name
+        np.testing.assert_array_equal(idx.get(), want_i, err_msg=name)
+        np.testing.assert_array_equal(dist.get(), want_d, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_knn2d_torch_cuda_and_borders() -> None:
+    pytest.importorskip("cupy")
+    import torch
+
+    from advlens.kernels.grid_cuda import knn2d_cuda
+
+    rng = np.random.default_rng(7)
+    xy = rng.integers(0, 40, size=(5000, 2)).astype(np.float64)
+    t = torch.from_numpy(xy).cuda()
+    idx, dist = knn2d(t, 12)
+    assert idx.is_cuda and dist.is_cuda and dist.dtype == torch.float64
+    np.testing.assert_array_equal(idx.cpu().numpy(), oracle(xy, 12)[0])
+    grid = Grid(0.0, 0.0, 1.0, 40, 40, 1e-12 * (40 + 83))
+    g_idx, _, _ = knn2d_cuda(t, 12, grid=grid)
+    np.testing.assert_array_equal(g_idx.get(), oracle(xy, 12)[0])
+
+
+@pytest.mark.gpu
+def test_gpu_knn_highdim_equals_cpu() -> None:
+    import torch
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6000, 50))
+    idx, dist = knn(torch.from_numpy(x).cuda(), 10)
+    want_i, want_d = knn(x, 10)
+    np.testing.assert_array_equal(idx.cpu().numpy(), want_i)
+    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-12)
+    ints = rng.integers(0, 3, size=(800, 8)).astype(np.float64)
+    np.testing.assert_array_equal(
+        knn(torch.from_numpy(ints).cuda(), 5)[0].cpu().numpy(), oracle(ints, 5)[0]
+    )
