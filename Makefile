@@ -13,11 +13,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # takes the default (CUDA) build instead.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
 
-.PHONY: all-layers test setup data browser lint bench clean help
+.PHONY: all-layers test test-all setup data browser lint bench clean help
 
 help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
-	@echo "make test         set up and run the tests"
+	@echo "make test         set up and run the tests (make test-all: the slow ones too)"
 	@echo "make lint         ruff"
 	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
 	@echo "options: CONFIG=file.toml GPUS=0,1 WORKERS=N ARGS='--set data.n=200'"
@@ -30,6 +30,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# torchattacks is a test-only reference; --no-deps because it declares torchvision, which
+	# it does not import and which breaks beside the CPU build of torch.
+	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $@
 
 data: $(FMNIST)
@@ -49,7 +52,11 @@ all-layers: setup
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
 test: setup browser
-	$(BIN)/python -m pytest -q $(ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# Everything, the slow reference comparisons at the default eps included (a few minutes more).
+test-all: setup browser
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q $(ARGS)
 
 # Headless Chromium for the report's browser test (skipped, with the reason, without it).
 browser:
@@ -67,6 +74,8 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/overlap_kernel.py --small
 	$(BIN)/python benchmarks/store_throughput.py
+	$(BIN)/python benchmarks/schedule_scaling.py
+	$(BIN)/advlens bench tsne --engines sklearn,opentsne --n 2000 --out benchmarks/results/tsne_engines_small.json
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -36,8 +36,8 @@ def parse_args() -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small-cnn", help="advlens model name (small-cnn, wrn-28-10)")
-    p.add_argument("--batch-size", type=int, default=512 if gpu else 128)
-    p.add_argument("--n-iter", type=int, default=100 if gpu else 20, help="APGD iterations")
+    p.add_argument("--batch-size", type=int, default=512 if gpu else 256)
+    p.add_argument("--n-iter", type=int, default=100, help="APGD iterations")
     p.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"))
     p.add_argument("--eps", type=float, default=None, help="default: the dataset's (config.py)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the best counts)")
@@ -188,7 +188,7 @@ def main() -> int:
     }
     print(
         f"{args.model} batch {args.batch_size} x {args.n_iter} it on {row['device']}: "
-        f"raw {raw:,.0f} img*it/s, APGD {apgd:,.0f} img*it/s, ratio {apgd / raw:.2f} "
+        f"raw {raw:,.4g} img*it/s, APGD {apgd:,.4g} img*it/s, ratio {apgd / raw:.2f} "
         f"(median-based {row['median_ratio']:.2f}; GPU target >= 0.80)"
     )
     out = args.out or RESULTS / f"attack_throughput-{args.model}-{kind}.json"

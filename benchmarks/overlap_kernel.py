@@ -57,9 +57,10 @@ def cpu_model() -> str:
 
 def gpu():
     """(cupy module, device name) or (None, reason)."""
-    try:
-        import cupy as cp
+    from advlens._optional import require
 
+    try:
+        cp = require("cupy", "the GPU path of this benchmark")
         if cp.cuda.runtime.getDeviceCount() < 1:
             return None, "no CUDA device"
         props = cp.cuda.runtime.getDeviceProperties(0)

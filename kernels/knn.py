@@ -123,10 +123,12 @@ def gpu_available(what: str) -> bool:
 
 
 def place(x: Any, device: str, what: str) -> Any:
-    """Move a host array to the GPU when ``device`` asks for it ("auto": when one is usable and
-    there are at least ``GPU_MIN_POINTS`` points). Device arrays are left where they are."""
+    """Move a host array (numpy, torch CPU) to the GPU when ``device`` asks for it ("auto": when
+    one is usable and there are at least ``GPU_MIN_POINTS`` points). GPU arrays stay put."""
     if device not in DEVICES:
         raise ConfigError(f"device = {device!r}: {closest(device, DEVICES)}")
+    if is_torch(x) and not x.is_cuda:
+        x = x.detach().numpy()
     if is_torch(x) or is_cupy(x) or device == "cpu":
         return x
     n = int(np.shape(x)[0])

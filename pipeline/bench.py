@@ -465,11 +465,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                  label="reference (not this run)")  # fmt: skip
     ax_q.scatter([r["n"] for r in ref], [r["recall@10"] for r in ref], marker="x", color="grey",
                  label="reference recall (not this run)")  # fmt: skip
-    spots: dict[tuple[int, float], list[str]] = {}
+    spots: dict[int, list[str]] = {}  # one label block per size, so labels never overlap
     for r in ref:
-        spots.setdefault((r["n"], r["seconds"]), []).append(f"{r['engine']}, {r['machine']}")
-    for (n, sec), labels in spots.items():
-        ax_t.annotate("\n".join(labels), (n, sec), fontsize=6, color="grey", xytext=(3, 3),
+        spots.setdefault(r["n"], []).append(f"{r['engine']}, {r['machine']}: {r['seconds']:.0f} s")
+    for n, labels in spots.items():
+        top = max(r["seconds"] for r in ref if r["n"] == n)
+        ax_t.annotate("\n".join(labels), (n, top), fontsize=6, color="grey", xytext=(4, 4),
                       textcoords="offset points")  # fmt: skip
     ax_t.set(xscale="log", yscale="log", xlabel="points", ylabel="seconds (kNN + optimisation)",
              title="t-SNE time")  # fmt: skip

@@ -51,6 +51,7 @@ class ModelConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     train_epochs: int = 4
     train_seed: int = 0
+    mean: str | None = None  # denser: per-pixel training mean (.npy, (H, W, C)); "none" disables
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,9 @@ class OutputConfig:
 class ScheduleConfig:
     """How layer tasks run: in process, on local Dask workers, or on a cluster."""
 
-    workers: int = 0  # 0: in the calling process (Dask's synchronous scheduler)
+    workers: int = (
+        0  # 0: automatic (in process on a CPU or one GPU, one worker per GPU when several)
+    )
     scheduler: str | None = None  # address of an existing scheduler, tcp://host:8786
     gpus: tuple[int, ...] = ()  # GPUs to use; empty: all visible
     retries: int = 1
@@ -305,6 +308,9 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a TOML config (default: ``configs/default.toml``) and apply ``key=value`` overrides."""
+    if path is None and not DEFAULT_CONFIG.is_file():
+        # Installed without the repository's configs/: the dataclass defaults are the same run.
+        return apply_overrides(RunConfig(), overrides or [])
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config PATH")

@@ -66,9 +66,13 @@ class Dataset:
                 f"images must be float32 (N, C, H, W), got {self.images.dtype} {self.images.shape}"
             )
         if self.labels.shape != (n,) or self.labels.dtype != np.int64:
-            raise ValueError(f"labels must be int64 ({n},), got {self.labels.dtype} {self.labels.shape}")
+            raise ValueError(
+                f"labels must be int64 ({n},), got {self.labels.dtype} {self.labels.shape}"
+            )
         if self.index.shape != (n,) or self.index.dtype != np.int64:
-            raise ValueError(f"index must be int64 ({n},), got {self.index.dtype} {self.index.shape}")
+            raise ValueError(
+                f"index must be int64 ({n},), got {self.index.dtype} {self.index.shape}"
+            )
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise ValueError(f"labels must lie in [0, {len(self.classes)})")
 
@@ -105,7 +109,9 @@ def load_dataset(source: str, split: str = "test", path: str | None = None) -> D
         return _cifar10(Path(path), split)
     if source == "folder":
         if not path:
-            raise DataError("data.source = 'folder' needs data.path: a folder with one sub-folder per class")
+            raise DataError(
+                "data.source = 'folder' needs data.path: a folder with one sub-folder per class"
+            )
         return _image_folder(Path(path), split)
     if source == "synthetic":
         return synthetic(n=1000 if split == "train" else 200, seed=1 if split == "train" else 0)
@@ -159,13 +165,17 @@ def _fashion_mnist(folder: Path, split: str) -> Dataset:
             )
         arr = read_idx(file)
         if arr.ndim != kind or arr.dtype != np.uint8:
-            raise DataError(f"{file}: expected a {kind}-D uint8 IDX array, got {arr.dtype} {arr.shape}")
+            raise DataError(
+                f"{file}: expected a {kind}-D uint8 IDX array, got {arr.dtype} {arr.shape}"
+            )
         arrays.append((file, arr))
     (ifile, images), (lfile, labels) = arrays
     if images.shape[1:] != (28, 28):
         raise DataError(f"{ifile}: images are {images.shape[1:]}, Fashion-MNIST images are 28x28")
     if len(images) != len(labels):
-        raise DataError(f"{ifile} holds {len(images)} images but {lfile} holds {len(labels)} labels")
+        raise DataError(
+            f"{ifile} holds {len(images)} images but {lfile} holds {len(labels)} labels"
+        )
     _check_labels(labels, 10, lfile)
     return Dataset(
         images=(images.astype(np.float32) / 255.0)[:, None],
@@ -287,7 +297,9 @@ def _unpickle(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: {exc}") from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a CIFAR-10 python batch (holds {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -369,7 +381,7 @@ def _image_folder(root: Path, split: str) -> Dataset:
         images=np.stack(arrays).astype(np.float32),
         labels=np.asarray(labels, np.int64),
         index=np.arange(len(files), dtype=np.int64),
-        name=f"folder:{root.name}",
+        name="folder",
         classes=tuple(classes),
     )
 
@@ -417,7 +429,9 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """
     labels = np.asarray(labels)
     if n < 0 or n > len(labels):
-        raise DataError(f"cannot sample {n} of {len(labels)} samples: data.n must be in [0, {len(labels)}]")
+        raise DataError(
+            f"cannot sample {n} of {len(labels)} samples: data.n must be in [0, {len(labels)}]"
+        )
     rng = np.random.default_rng(seed)
     if n == 0:
         return np.zeros(0, np.int64)
@@ -433,6 +447,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         room = np.flatnonzero(counts > level)
         quota[rng.choice(room, size=rest, replace=False)] += 1
     picks = [
-        rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)
+        rng.permutation(np.flatnonzero(labels == c))[:q]
+        for c, q in zip(classes, quota, strict=True)
     ]
     return np.sort(np.concatenate(picks)).astype(np.int64)

@@ -145,6 +145,7 @@ def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0) -> fl
 
     pts = to_numpy(x)
     check_points(pts, np, None)
+    pts = pts.astype(np.float64, copy=False)
     flags = _flags(is_perturbed, pts.shape[0])
     _require_pairs(flags, "detector_auc")
     n = pts.shape[0] // 2

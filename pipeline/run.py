@@ -87,7 +87,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     from advlens.schedule import run_tasks
 
     timings: dict[str, float] = {}
-    run_dir = cfg.output.run_dir
+    # Absolute paths: Dask workers may run in another working directory.
+    run_dir = cfg.output.run_dir.resolve()
     if cfg.output.overwrite and (run_dir / "tasks").exists():
         shutil.rmtree(run_dir / "tasks")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,9 +117,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
             path = _attack_and_extract(
                 cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress
             )
-            stores.append((attack_name, norm, eps, path))
+            stores.append((attack_name, norm, eps, path.resolve()))
     timings["attack+extract"] = time.perf_counter() - t
 
+    # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
+    task_device = "cuda" if device.startswith("cuda") else "cpu"
     tasks = [
         LayerTask(
             store=str(path),
@@ -133,7 +136,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
             perplexity=perp,
             embed=cfg.embed,
             overlap=cfg.overlap,
-            device=cfg.model.device,
+            device=task_device,
         )
         for (a, norm, eps, path) in stores
         for i, layer in enumerate(layers)
@@ -209,7 +212,15 @@ def _attack_and_extract(
 
     a = cfg.attack
     attack = get_attack(
-        attack_name, norm, eps, n_iter=a.n_iter, n_restarts=a.n_restarts, rho=a.rho, seed=a.seed
+        attack_name,
+        norm,
+        eps,
+        n_iter=a.n_iter,
+        n_restarts=a.n_restarts,
+        rho=a.rho,
+        seed=a.seed,
+        autocast_bf16=a.autocast_bf16,
+        channels_last=a.channels_last,
     )
     # Only what shapes the activations decides whether an existing store can be resumed.
     identity = {

@@ -170,13 +170,23 @@ def _train_and_save(dataset, seed, epochs, path: Path, progress: bool, data_path
 
     train = load_dataset(dataset, "train", data_path)
     test = load_dataset(dataset, "test", data_path)
-    log.info("training small-cnn on %s (%d images, %d epochs, seed %d)", dataset, len(train), epochs, seed)
+    log.info(
+        "training small-cnn on %s (%d images, %d epochs, seed %d)",
+        dataset,
+        len(train),
+        epochs,
+        seed,
+    )
     t0 = time.perf_counter()
     model, acc = train_small_cnn(train, test, epochs=epochs, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     floor = MIN_ACCURACY.get(dataset)
     if floor is not None and acc < floor:
-        log.warning("small-cnn reached %.2f%% test accuracy, below the %.0f%% target", 100 * acc, 100 * floor)
+        log.warning(
+            "small-cnn reached %.2f%% test accuracy, below the %.0f%% target",
+            100 * acc,
+            100 * floor,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -220,5 +230,7 @@ def main(args: argparse.Namespace) -> int:
     state = "cached" if cached and meta.get("epochs") == args.epochs else "trained"
     acc = meta.get("test_accuracy")
     acc_text = f"{100 * acc:.2f}%" if isinstance(acc, float) else "?"
-    print(f"small-cnn ({state}): {path}  test accuracy {acc_text}, {meta.get('seconds', '?')} s training")
+    print(
+        f"small-cnn ({state}): {path}  test accuracy {acc_text}, {meta.get('seconds', '?')} s training"
+    )
     return 0

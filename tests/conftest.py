@@ -7,6 +7,8 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Idle OpenMP threads spin by default; on a busy 2-core machine that slows t-SNE many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _has_gpu() -> bool:

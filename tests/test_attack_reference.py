@@ -5,11 +5,11 @@ APGD-CE and APGD-DLR must fool at least as many images as torchattacks' ``APGD``
 steps=100) minus 1 percentage point, and at least as many as foolbox's PGD with the same
 budget (steps=100). torchattacks and foolbox are called directly, not through advlens.
 
-At the default eps (Linf 0.1, L2 1.5) every attack fools ~99% of this undefended model, which
+At the default eps (Linf 0.1, L2 1.5) every attack fools ~97% of this undefended model, which
 tells implementations apart only when one is broken; the comparisons that run by default use
-a smaller eps where about a third to a half of the images resist (asserted, so the test stays
-informative). The default-eps and second-norm comparisons carry ``slow`` (each attack run is
-500 images x 100 iterations; the whole matrix takes several minutes on 2 cores).
+a smaller eps where about half of the images resist (asserted, so the test stays
+informative). The default-eps comparisons carry ``slow``. Each attack run is 500 images x 100
+iterations (~5-8 s on 2 idle cores): ~80 s without the slow tests, ~150 s with them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ import pytest
 import torch
 
 from advlens.attacks import get_attack
+
+# A test-only dependency, installed without its declared requirements (torchvision would
+# replace this machine's torch): pip install --no-deps torchattacks==3.5.1
+torchattacks = pytest.importorskip(
+    "torchattacks", reason="pip install --no-deps torchattacks==3.5.1"
+)
 
 N = 500
 N_ITER = 100
@@ -61,8 +67,6 @@ def success_rate(impl: str, loss: str, norm: str, eps: float, samples) -> float:
             result = get_attack(f"apgd-{loss}", norm, eps, n_iter=N_ITER, seed=0)(model, x, y)
             rate = float(result.success.float().mean())
         elif impl == "torchattacks":
-            import torchattacks
-
             ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
             ref = torchattacks.APGD(model, norm=ta_norm, eps=eps, steps=N_ITER, loss=loss, seed=0)
             rate = _rate(model, ref(x, y), y)
@@ -95,7 +99,6 @@ def test_apgd_linf_matches_references(loss, samples):
     check_against_references(loss, "linf", INFORMATIVE_EPS["linf"], samples, informative=True)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_l2_matches_references(loss, samples):
     check_against_references(loss, "l2", INFORMATIVE_EPS["l2"], samples, informative=True)

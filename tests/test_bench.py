@@ -170,3 +170,25 @@ def test_sweep_summary_table_and_plot(tmp_path):
 def test_sweep_rejects_bad_sizes(capsys):
     assert cli(["sweep", "--n", "100,abc"]) == 2
     assert "'abc' is not an integer" in capsys.readouterr().err
+
+
+def test_sweep_runs_the_whole_analysis_at_each_size(tmp_path, fmnist_model):
+    from pathlib import Path
+
+    root = tmp_path / "runs"
+    argv = ["sweep", "--quiet", "--n", "20,10", "--name", "t", "--set", f'output.root="{root}"']
+    for setting in ("attack.n_iter=3", 'attack.norms=["linf"]', 'layers.select=["fc1"]',
+                    "embed.n_iter=250", "overlap.bootstrap=0"):  # fmt: skip
+        argv += ["--set", setting]
+    assert cli(argv) == 0
+    folder = root / "sweep-t"
+    out = json.loads((folder / "sweep.json").read_text())
+    assert [e["n"] for e in out["sizes"]] == [10, 20]
+    for e in out["sizes"]:
+        assert Path(e["run_dir"]) == folder / f"n{e['n']}"
+        assert (Path(e["run_dir"]) / "metrics.json").exists()
+        assert {"attack+extract", "reduce", "embed", "overlap"} <= set(e["timings"])
+        assert {r["layer"] for r in e["rows"]} == {"input", "fc1"}
+        assert all(r["n"] == e["n"] and 0.0 <= r["overlap"] <= 1.0 for r in e["rows"])
+    assert "| 20 |" in (folder / "sweep.md").read_text()
+    assert (folder / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,8 +22,15 @@ def test_dataset_default_eps_when_unset():
 
 
 def test_overrides_parse_toml_values():
-    cfg = config.load(overrides=["data.n=20", "attack.norms=['linf']", "embed.engine=sklearn",
-                                 "attack.eps.linf=0.05", "embed.seeds=[0, 1, 2]"])
+    cfg = config.load(
+        overrides=[
+            "data.n=20",
+            "attack.norms=['linf']",
+            "embed.engine=sklearn",
+            "attack.eps.linf=0.05",
+            "embed.seeds=[0, 1, 2]",
+        ]
+    )
     assert cfg.data.n == 20 and cfg.attack.norms == ("linf",)
     assert cfg.embed.engine_names == ("sklearn",) and cfg.embed.seed_list == (0, 1, 2)
     assert cfg.attack.eps["linf"] == pytest.approx(0.05)
@@ -70,3 +77,18 @@ def test_configs_are_frozen():
     cfg = config.RunConfig()
     with pytest.raises(AttributeError):
         cfg.data.n = 3  # type: ignore[misc]
+
+
+def test_installed_without_configs_falls_back_to_the_same_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    fallback = config.load(overrides=["data.n=7"])
+    shipped = config.load(
+        config.DEFAULT_CONFIG.__class__(__file__).parent.parent / "configs" / "default.toml"
+    )
+    assert fallback.data.n == 7
+    for norm in ("l2", "linf"):
+        assert fallback.attack.eps_for(norm, "fashion-mnist") == shipped.attack.eps_for(
+            norm, "fashion-mnist"
+        )
+    assert fallback.embed == shipped.embed and fallback.overlap == shipped.overlap
+    assert fallback.model == shipped.model and fallback.layers == shipped.layers

@@ -38,7 +38,10 @@ def write_fmnist(folder, n=30, prefix="t10k", seed=0, gz=True):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.uint8)
-    for stem, arr in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+    for stem, arr in (
+        (f"{prefix}-images-idx3-ubyte", images),
+        (f"{prefix}-labels-idx1-ubyte", labels),
+    ):
         data = idx_bytes(arr)
         if gz:
             (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
@@ -98,13 +101,16 @@ def test_wrong_image_size(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(np.zeros((4, 32, 32), np.uint8)))
     )
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8))))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros(4, np.uint8)))
+    )
     with pytest.raises(DataError, match="28x28"):
         load_dataset("fashion-mnist", "test", str(tmp_path))
 
 
 @pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed"
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed",
 )
 def test_real_fashion_mnist_test_split():
     ds = load_dataset("fashion-mnist", "test")
@@ -161,7 +167,11 @@ def write_cifar_py(folder, batches, label_names=None):
         }
         (folder / name).write_bytes(py2_pickle(d))
     if label_names:
-        meta = {b"num_cases_per_batch": 10000, b"label_names": [s.encode() for s in label_names], b"num_vis": 3072}
+        meta = {
+            b"num_cases_per_batch": 10000,
+            b"label_names": [s.encode() for s in label_names],
+            b"num_vis": 3072,
+        }
         (folder / "batches.meta").write_bytes(py2_pickle(meta))
 
 
@@ -240,10 +250,14 @@ def test_cifar10_validation(tmp_path, cifar_batches):
 
 
 def test_cifar10_python_validation(tmp_path):
-    (tmp_path / "test_batch").write_bytes(py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    (tmp_path / "test_batch").write_bytes(
+        py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    )
     with pytest.raises(DataError, match=r"uint8 \(N, 3072\)"):
         load_dataset("cifar10", "test", str(tmp_path))
-    (tmp_path / "test_batch").write_bytes(py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}))
+    (tmp_path / "test_batch").write_bytes(
+        py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]})
+    )
     with pytest.raises(DataError, match="2 images but labels"):
         load_dataset("cifar10", "test", str(tmp_path))
 
@@ -283,7 +297,9 @@ def test_image_folder(tmp_path):
     ds = load_dataset("folder", "test", str(tmp_path))
     assert ds.classes == ("cat", "dog") and ds.images.shape == (6, 3, 8, 6)
     np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1, 1])
-    np.testing.assert_allclose(ds.images[4], written[("dog", 1)].transpose(2, 0, 1) / 255, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        ds.images[4], written[("dog", 1)].transpose(2, 0, 1) / 255, rtol=0, atol=1e-7
+    )
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "test" / "dog" / "odd.png")
     with pytest.raises(DataError, match="same size"):
         load_dataset("folder", "test", str(tmp_path))

@@ -39,7 +39,10 @@ def randomize(model, seed=0):
         if not ws:
             continue
         if isinstance(layer, layers.BatchNormalization):
-            new = [rng.uniform(0.5, 1.5, w.shape) if i in (0, 3) else rng.uniform(-0.3, 0.3, w.shape) for i, w in enumerate(ws)]
+            new = [
+                rng.uniform(0.5, 1.5, w.shape) if i in (0, 3) else rng.uniform(-0.3, 0.3, w.shape)
+                for i, w in enumerate(ws)
+            ]
         else:
             new = [rng.normal(0, 0.3, w.shape) for w in ws]
         layer.set_weights([w.astype(np.float32) for w in new])
@@ -52,13 +55,17 @@ def denser_like(lam=lambda t: t):
     c1 = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2d_1")(inp)
     b1 = layers.BatchNormalization(name="batch_normalization_1")(c1)
     p1 = layers.MaxPooling2D(3, strides=2, padding="same", name="max_pooling2d_1")(b1)  # 16x16
-    c2 = layers.Conv2D(6, 3, strides=2, padding="same", use_bias=False, name="conv2d_2")(p1)  # 8x8, pad 0/1
+    c2 = layers.Conv2D(6, 3, strides=2, padding="same", use_bias=False, name="conv2d_2")(
+        p1
+    )  # 8x8, pad 0/1
     a2 = layers.Activation("tanh", name="activation_1")(c2)
     # Stride 1: symmetric padding. (Asymmetric SAME average pooling: Keras 3's torch backend pads
     # by replicating edges where TensorFlow, which trained the published models, skips the
     # padding; test_same_average_pooling_follows_tensorflow checks advlens against TF's rule.)
     p2 = layers.AveragePooling2D(3, strides=1, padding="same", name="average_pooling2d_1")(a2)
-    side = layers.MaxPooling2D(9, strides=1, name="max_pooling2d_2")(p1)  # DENSER's merge resize: 8x8
+    side = layers.MaxPooling2D(9, strides=1, name="max_pooling2d_2")(
+        p1
+    )  # DENSER's merge resize: 8x8
     m = layers.Concatenate(name="concatenate_1")([p2, side])
     d = layers.Dropout(0.3, name="dropout_1")(m)
     lam_out = layers.Lambda(lam, name="lambda_1")(d)
@@ -117,7 +124,9 @@ def test_every_tap_matches_keras_layer_output(keras3_file, inputs):
     names = select_layers(infos, ["all"], include_input=False)
     assert "dropout_1" not in names and "flatten_1" not in names
     assert names[:3] == ["conv2d_1", "batch_normalization_1", "max_pooling2d_1"]
-    assert {"conv2d_2", "concatenate_1", "dense_2"} <= set(select_layers(infos, ["auto"], include_input=False))
+    assert {"conv2d_2", "concatenate_1", "dense_2"} <= set(
+        select_layers(infos, ["auto"], include_input=False)
+    )
     shapes = {i.name: i.shape for i in infos}
     assert shapes["concatenate_1"] == (14, 8, 8) and shapes["conv2d_2"] == (6, 8, 8)
     _, acts = tap_forward(net, torch.from_numpy(x), names[:-1])  # dense_2 differs: logits
@@ -156,23 +165,62 @@ def test_build_model_finds_mean_beside_file(keras3_file, inputs):
 
 def _k2_layer(name, cls, config, inbound):
     cfg = {"name": name, "trainable": True, **config}
-    return {"name": name, "class_name": cls, "config": cfg, "inbound_nodes": [[[i, 0, 0, {}] for i in inbound]] if inbound else []}
+    return {
+        "name": name,
+        "class_name": cls,
+        "config": cfg,
+        "inbound_nodes": [[[i, 0, 0, {}] for i in inbound]] if inbound else [],
+    }
 
 
 def write_keras2_file(path, model, lam_code, sequential=False):
     """Write ``model`` as Keras 2.x did: JSON config in attrs, weights named ``<layer>/<w>:0``."""
     import h5py
 
-    conv = dict(filters=4, kernel_size=[3, 3], strides=[2, 2], padding="same", data_format="channels_last",
-                dilation_rate=[1, 1], activation="relu", use_bias=True)
+    conv = dict(
+        filters=4,
+        kernel_size=[3, 3],
+        strides=[2, 2],
+        padding="same",
+        data_format="channels_last",
+        dilation_rate=[1, 1],
+        activation="relu",
+        use_bias=True,
+    )
     spec = [
         ("conv2d_1", "Conv2D", conv, ["kernel", "bias"]),
-        ("batch_normalization_1", "BatchNormalization", dict(axis=-1, momentum=0.99, epsilon=0.001, center=True, scale=True), ["gamma", "beta", "moving_mean", "moving_variance"]),
-        ("max_pooling2d_1", "MaxPooling2D", dict(pool_size=[2, 2], padding="valid", strides=[2, 2], data_format="channels_last"), []),
-        ("lambda_1", "Lambda", dict(function=[lam_code, None, None], function_type="lambda", output_shape=None, output_shape_type="raw", arguments={}), []),
+        (
+            "batch_normalization_1",
+            "BatchNormalization",
+            dict(axis=-1, momentum=0.99, epsilon=0.001, center=True, scale=True),
+            ["gamma", "beta", "moving_mean", "moving_variance"],
+        ),
+        (
+            "max_pooling2d_1",
+            "MaxPooling2D",
+            dict(pool_size=[2, 2], padding="valid", strides=[2, 2], data_format="channels_last"),
+            [],
+        ),
+        (
+            "lambda_1",
+            "Lambda",
+            dict(
+                function=[lam_code, None, None],
+                function_type="lambda",
+                output_shape=None,
+                output_shape_type="raw",
+                arguments={},
+            ),
+            [],
+        ),
         ("flatten_1", "Flatten", dict(data_format="channels_last"), []),
         ("dropout_1", "Dropout", dict(rate=0.5, noise_shape=None, seed=None), []),
-        ("dense_1", "Dense", dict(units=10, activation="softmax", use_bias=True), ["kernel", "bias"]),
+        (
+            "dense_1",
+            "Dense",
+            dict(units=10, activation="softmax", use_bias=True),
+            ["kernel", "bias"],
+        ),
     ]
     shape = [None, 16, 16, 3]
     if sequential:
@@ -180,13 +228,27 @@ def write_keras2_file(path, model, lam_code, sequential=False):
         cfg_layers[0]["config"]["batch_input_shape"] = shape
         config = {"class_name": "Sequential", "config": cfg_layers}
     else:
-        cfg_layers = [_k2_layer("input_1", "InputLayer", {"batch_input_shape": shape, "dtype": "float32", "sparse": False}, [])]
+        cfg_layers = [
+            _k2_layer(
+                "input_1",
+                "InputLayer",
+                {"batch_input_shape": shape, "dtype": "float32", "sparse": False},
+                [],
+            )
+        ]
         prev = "input_1"
         for n, cls, c, _ in spec:
             cfg_layers.append(_k2_layer(n, cls, c, [prev]))
             prev = n
-        config = {"class_name": "Model", "config": {"name": "model_1", "layers": cfg_layers,
-                  "input_layers": [["input_1", 0, 0]], "output_layers": [["dense_1", 0, 0]]}}
+        config = {
+            "class_name": "Model",
+            "config": {
+                "name": "model_1",
+                "layers": cfg_layers,
+                "input_layers": [["input_1", 0, 0]],
+                "output_layers": [["dense_1", 0, 0]],
+            },
+        }
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = b"2.1.6"
         f.attrs["backend"] = b"tensorflow"
@@ -240,7 +302,9 @@ def tf_same_pool(x, k, s, op):
     """TensorFlow's SAME pooling, written out: windows start at -pad_before; padding never counts."""
     n, c, h, w = x.shape
     out = np.zeros((n, c, -(-h // s), -(-w // s)), np.float32)
-    pads = [max((o - 1) * s + k - size, 0) // 2 for o, size in zip(out.shape[2:], (h, w), strict=True)]
+    pads = [
+        max((o - 1) * s + k - size, 0) // 2 for o, size in zip(out.shape[2:], (h, w), strict=True)
+    ]
     for i in range(out.shape[2]):
         for j in range(out.shape[3]):
             r0, c0 = i * s - pads[0], j * s - pads[1]
@@ -262,7 +326,12 @@ def test_same_pooling_follows_tensorflow(k, s, size):
 
 def test_lambda_ops_are_recognised_without_running_code():
     def code_of(fn):
-        return {"name": "lambda_1", "function": [base64.b64encode(marshal.dumps(fn.__code__)).decode(), None, None], "function_type": "lambda", "arguments": {}}
+        return {
+            "name": "lambda_1",
+            "function": [base64.b64encode(marshal.dumps(fn.__code__)).decode(), None, None],
+            "function_type": "lambda",
+            "arguments": {},
+        }
 
     backend = None  # names only: the code is never executed
     assert lambda_op(code_of(lambda x: x)) == "identity"
@@ -299,5 +368,7 @@ def test_bad_files(tmp_path):
     inp = keras.Input((8, 8, 3))
     out = layers.Conv2DTranspose(2, 3, name="deconv")(inp)
     save_h5(keras.Model(inp, out), tmp_path / "deconv.h5")
-    with pytest.raises(ConfigError, match="Conv2DTranspose is not supported; supported: InputLayer, Conv2D"):
+    with pytest.raises(
+        ConfigError, match="Conv2DTranspose is not supported; supported: InputLayer, Conv2D"
+    ):
         load_denser(tmp_path / "deconv.h5", mean="none")

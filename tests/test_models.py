@@ -6,6 +6,7 @@ import argparse
 import math
 import pickle
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from advlens.models import build_model, list_models, read_state_dict
 from advlens.models.small_cnn import SmallCNN
 from advlens.models.taps import INPUT, LayerInfo, catalog, select_layers, tap_forward
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 # --------------------------------------------------------------------------- reference WRN
 # RobustBench's WideResNet (robustbench/model_zoo/architectures/wide_resnet.py), the
 # architecture of its CIFAR-10 "Standard" checkpoint, written out here as the oracle.
@@ -28,15 +31,21 @@ class RefBasicBlock(nn.Module):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(
+            out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False
+        )
         self.droprate = dropRate
         self.equalInOut = in_planes == out_planes
         self.convShortcut = (
             (not self.equalInOut)
-            and nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+            and nn.Conv2d(
+                in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False
+            )
             or None
         )
 
@@ -57,7 +66,9 @@ class RefNetworkBlock(nn.Module):
         super().__init__()
         self.layer = nn.Sequential(
             *[
-                block(i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, dropRate)
+                block(
+                    i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, dropRate
+                )
                 for i in range(int(nb_layers))
             ]
         )
@@ -125,22 +136,52 @@ def test_wrn_loads_reference_state_dict_exactly(tmp_path, prefix):
     ref = random_reference(16, 2, seed=1, sub_block1=prefix == "model.")
     path = tmp_path / "wrn.pt"
     torch.save({prefix + k: v for k, v in ref.state_dict().items()}, path)
-    model = build_model(ModelConfig("wrn-16-2", checkpoint=str(path), device="cpu"), "cifar10", (3, 32, 32), 10)
+    model = build_model(
+        ModelConfig("wrn-16-2", checkpoint=str(path), device="cpu"), "cifar10", (3, 32, 32), 10
+    )
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_wrn_28_10_loads_reference(tmp_path):
+def test_cifar10_wrn28_10_config_model_side(tmp_path):
+    """configs/cifar10-wrn28-10.toml on a tiny CIFAR-10 binary folder and a random reference checkpoint."""
+    import numpy as np
+
+    from advlens.config import load
+    from advlens.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    records = np.concatenate([rng.integers(0, 10, (3, 1)), rng.integers(0, 256, (3, 3072))], axis=1)
+    records.astype(np.uint8).tofile(tmp_path / "test_batch.bin")
     ref = random_reference(28, 10, seed=2)
-    path = tmp_path / "standard.pt"
-    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
-    model = build_model(ModelConfig("wrn-28-10", checkpoint=str(path), device="cpu"), "cifar10", (3, 32, 32), 10)
+    ckpt = tmp_path / "standard.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, ckpt)
+    cfg = load(
+        CONFIGS / "cifar10-wrn28-10.toml",
+        [f"data.path={tmp_path}", f"model.checkpoint={ckpt}", "model.device=cpu"],
+    )
+    ds = load_dataset(cfg.data.source, cfg.data.split, cfg.data.path)
+    model = build_model(cfg.model, ds.name, ds.shape, len(ds.classes))
     assert sum(p.numel() for p in model.parameters()) == 36_479_194  # RobustBench's Standard
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.from_numpy(ds.images[:2])
     with torch.no_grad():
-        assert torch.equal(model(x), ref(x))
+        expected = ref(x)
+    layers = select_layers(catalog(model, ds.shape), cfg.layers.select, cfg.layers.include_input)
+    assert layers == ["input", "conv1", "block1", "block2", "block3", "relu", "fc"]
+    logits, acts = tap_forward(model, x, layers)
+    assert torch.equal(logits, expected) and torch.equal(acts["fc"], expected)
+    assert acts["block1"].shape == (2, 163_840) and acts["relu"].shape == (2, 40_960)
+    assert (acts["relu"] >= 0).all() and torch.equal(acts["input"], x.reshape(2, -1))
+
+
+def test_denser_config_loads():
+    from advlens.config import load
+
+    cfg = load(CONFIGS / "denser.toml")
+    assert cfg.model.name == "denser" and cfg.data.source == "cifar10" and cfg.model.checkpoint
+    assert cfg.attack.eps_for("linf", cfg.data.source) == pytest.approx(8 / 255)
 
 
 def test_wrn_catalog_and_auto():
@@ -153,20 +194,33 @@ def test_wrn_catalog_and_auto():
     shapes = {i.name: i.shape for i in infos}
     assert shapes["block1"] == (32, 32, 32) and shapes["block2.layer.0"] == (64, 16, 16)
     assert shapes["block3"] == (128, 8, 8) and shapes["fc"] == (10,)
-    assert select_layers(infos, ["auto"], include_input=False) == ["conv1", "block1", "block2", "block3", "relu", "fc"]
-    assert select_layers(infos, ["block2.layer.*"], include_input=False) == [f"block2.layer.{i}" for i in range(2)]
+    assert select_layers(infos, ["auto"], include_input=False) == [
+        "conv1",
+        "block1",
+        "block2",
+        "block3",
+        "relu",
+        "fc",
+    ]
+    assert select_layers(infos, ["block2.layer.*"], include_input=False) == [
+        f"block2.layer.{i}" for i in range(2)
+    ]
 
 
 def test_wrn_needs_checkpoint():
     with pytest.raises(ConfigError, match="needs model.checkpoint"):
         build_model(ModelConfig("wrn-28-10", device="cpu"), "cifar10", (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="depth 20"):
-        build_model(ModelConfig("wrn-20-1", device="cpu"), "cifar10", (3, 32, 32), 10, weights=False)
+        build_model(
+            ModelConfig("wrn-20-1", device="cpu"), "cifar10", (3, 32, 32), 10, weights=False
+        )
 
 
 def test_taps_clone_before_inplace_relu():
     """bn1 of an equal-width block is followed by ReLU(inplace=True): a bare hook would see ReLU'd values."""
-    ref = random_reference(10, 1, seed=3)  # 10 = one block per group; block1.layer.0 is equalInOut (16->16)
+    ref = random_reference(
+        10, 1, seed=3
+    )  # 10 = one block per group; block1.layer.0 is equalInOut (16->16)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     _, acts = tap_forward(ref, x, ["conv1", "block1.layer.0.bn1", "block1.layer.0.relu1"])
     with torch.no_grad():
@@ -183,8 +237,18 @@ def test_small_cnn_catalog_shapes():
     model = SmallCNN((1, 28, 28), 10)
     infos = catalog(model, (1, 28, 28))
     assert [i.name for i in infos] == [INPUT, "conv1", "pool1", "conv2", "pool2", "fc1", "logits"]
-    assert [i.shape for i in infos] == [(1, 28, 28), (16, 28, 28), (16, 14, 14), (32, 14, 14), (32, 7, 7), (128,), (10,)]
-    assert infos[1].dim("gap") == 16 and infos[1].dim() == 16 * 28 * 28 and infos[0].dim("gap") == 784
+    assert [i.shape for i in infos] == [
+        (1, 28, 28),
+        (16, 28, 28),
+        (16, 14, 14),
+        (32, 14, 14),
+        (32, 7, 7),
+        (128,),
+        (10,),
+    ]
+    assert (
+        infos[1].dim("gap") == 16 and infos[1].dim() == 16 * 28 * 28 and infos[0].dim("gap") == 784
+    )
     assert model.training  # catalog restores the mode
     rgb = catalog(SmallCNN((3, 32, 32), 7), (3, 32, 32))
     assert rgb[-1].shape == (7,) and rgb[4].shape == (32, 8, 8)
@@ -239,7 +303,12 @@ def test_generic_model_catalog_reused_module():
             return self.act(self.b(self.drop(self.act(self.a(x)))))
 
     infos = catalog(Net(), (4,))
-    assert [(i.name, i.shape) for i in infos] == [(INPUT, (4,)), ("a", (6,)), ("b", (3,)), ("act", (3,))]
+    assert [(i.name, i.shape) for i in infos] == [
+        (INPUT, (4,)),
+        ("a", (6,)),
+        ("b", (3,)),
+        ("act", (3,)),
+    ]
     seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3))
     infos = catalog(seq, (1, 28, 28))
     assert [i.name for i in infos] == [INPUT, "0", "1", "3"] and all(i.auto for i in infos[1:])
@@ -260,10 +329,17 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     marker = tmp_path / "ran"
     state = dict(model.state_dict())
-    state["payload"] = _Payload(str(marker))  # torch.save pickles the object: code runs on a plain load
+    state["payload"] = _Payload(
+        str(marker)
+    )  # torch.save pickles the object: code runs on a plain load
     torch.save(state, path)
     with pytest.raises(ConfigError, match="refuses to load") as exc:
-        build_model(ModelConfig("small-cnn", checkpoint=str(path), device="cpu"), "fashion-mnist", (1, 28, 28), 10)
+        build_model(
+            ModelConfig("small-cnn", checkpoint=str(path), device="cpu"),
+            "fashion-mnist",
+            (1, 28, 28),
+            10,
+        )
     assert "weights_only=True" in str(exc.value) and "state_dict()" in str(exc.value)
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):  # what a plain torch.load would let through
@@ -282,7 +358,12 @@ def test_checkpoint_mismatch_names_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(nn.Linear(2, 2).state_dict(), path)
     with pytest.raises(ConfigError, match=r"missing \d+ keys \(conv1.0.weight"):
-        build_model(ModelConfig("small-cnn", checkpoint=str(path), device="cpu"), "fashion-mnist", (1, 28, 28), 10)
+        build_model(
+            ModelConfig("small-cnn", checkpoint=str(path), device="cpu"),
+            "fashion-mnist",
+            (1, 28, 28),
+            10,
+        )
     with pytest.raises(ConfigError, match="file not found"):
         read_state_dict(tmp_path / "none.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -297,7 +378,12 @@ def test_small_cnn_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(4)
     src = SmallCNN().eval()
     torch.save(src.state_dict(), tmp_path / "w.pt")
-    model = build_model(ModelConfig("small-cnn", checkpoint=str(tmp_path / "w.pt"), device="cpu"), "fashion-mnist", (1, 28, 28), 10)
+    model = build_model(
+        ModelConfig("small-cnn", checkpoint=str(tmp_path / "w.pt"), device="cpu"),
+        "fashion-mnist",
+        (1, 28, 28),
+        10,
+    )
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), src(x))
@@ -330,7 +416,9 @@ def test_user_factory_with_checkpoint(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(5)
     src = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
-    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "t.pt")
+    torch.save(
+        {"model": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "t.pt"
+    )
     cfg = ModelConfig("mynets:tiny", checkpoint=str(tmp_path / "t.pt"), device="cpu")
     model = build_model(cfg, "folder", (3, 2, 2), 4)
     x = torch.rand(2, 3, 2, 2)

@@ -52,7 +52,9 @@ def test_ensure_trained_caches_plain_state_dict(tmp_path, monkeypatch):
     stamp = path.stat().st_mtime_ns
     assert ensure_trained("synthetic", seed=0, epochs=1, progress=False) == path
     assert path.stat().st_mtime_ns == stamp  # cached: not trained again
-    model = build_model(ModelConfig("small-cnn", train_epochs=1, device="cpu"), "synthetic", (1, 28, 28), 10)
+    model = build_model(
+        ModelConfig("small-cnn", train_epochs=1, device="cpu"), "synthetic", (1, 28, 28), 10
+    )
     assert path.stat().st_mtime_ns == stamp
     test = synthetic(200, seed=0)
     assert evaluate(model, test) == pytest.approx(meta["test_accuracy"], abs=1e-6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,16 @@ def check_eps(eps: Any) -> float:
     return value
 
 
+def check_seed(seed: Any) -> int:
+    """``seed`` as a Python int (numpy integers welcome), or ConfigError."""
+    if isinstance(seed, bool):
+        raise ConfigError(f"attack seed = {seed!r}: must be an integer")
+    try:
+        return int(operator.index(seed))
+    except TypeError:
+        raise ConfigError(f"attack seed = {seed!r}: must be an integer") from None
+
+
 def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample ``norm`` of ``delta`` (B, ...) as float32 (B,)."""
     flat = delta.flatten(1).float()
@@ -143,8 +154,12 @@ class Attack:
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", check_norm(self.norm))
         object.__setattr__(self, "eps", check_eps(self.eps))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"attack seed = {self.seed!r}: must be an integer")
+        object.__setattr__(self, "seed", check_seed(self.seed))
+
+    @property
+    def min_classes(self) -> int:
+        """Fewest model outputs the attack's loss works with."""
+        return 2
 
     def autocast(self, device: torch.device):
         """bf16 autocast context when asked for (a no-op context otherwise)."""
@@ -158,15 +173,18 @@ class Attack:
     def __call__(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None
     ) -> AttackResult:
-        seed = self.seed if seed is None else seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"attack seed = {seed!r}: must be an integer")
+        seed = self.seed if seed is None else check_seed(seed)
         # Attacks need autograd even when the caller runs under no_grad / inference_mode.
         with torch.inference_mode(False), torch.enable_grad():
             model, x, y = self._prepare(model, x, y)
             with torch.no_grad():
                 clean_logits = self.logits(model, x)
             n_classes = clean_logits.shape[1]
+            if n_classes < self.min_classes:
+                raise ConfigError(
+                    f"attack {self.name} needs a model with at least {self.min_classes} classes, "
+                    f"this one has {n_classes}; use apgd-ce"
+                )
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
                 raise DataError(
                     f"attack {self.name}: labels must lie in [0, {n_classes - 1}] (the model has "
@@ -258,7 +276,8 @@ def get_attack(
     eps : radius of the perturbation ball, finite and > 0.
     n_iter, n_restarts, rho, seed : APGD's settings (Croce & Hein 2020); foolbox attacks take
         ``n_iter`` as their ``steps`` when they have such a parameter.
-    **kw : ``autocast_bf16``, ``channels_last`` (all attacks), ``n_target_classes`` (apgd-t),
+    **kw : ``autocast_bf16`` (bf16 autocast of the forward passes), ``channels_last`` (inputs
+        and, in place, the model's parameters), ``n_target_classes`` (apgd-t, default 9);
         other keywords go to the foolbox attack's constructor.
     """
     norm = check_norm(norm)

@@ -126,19 +126,18 @@ class APGD(Attack):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"apgd-t n_target_classes = {n!r}: must be an integer >= 1")
 
+    @property
+    def min_classes(self) -> int:
+        # DLR divides by z_pi1 - z_pi3; its targeted form also needs z_pi4.
+        return {"ce": 2, "dlr": 3, "dlr-targeted": 4}[self.loss]
+
     # ------------------------------------------------------------------ driver
     def _perturb(self, model, x, y, seed: int) -> torch.Tensor:
         with torch.no_grad():
             clean_logits = self.logits(model, x)
         n_classes = clean_logits.shape[1]
-        need = {"ce": 2, "dlr": 3, "dlr-targeted": 4}[self.loss]
-        if n_classes < need:
-            raise ConfigError(
-                f"attack {self.name} needs at least {need} classes, the model has {n_classes}; "
-                "use apgd-ce"
-            )
         gen = torch.Generator(device=x.device)
-        gen.manual_seed(seed)
+        gen.manual_seed(seed % 2**64)  # any Python int; torch wants [0, 2**64)
         best_x = x.clone()
         best_loss = torch.full_like(y, float("-inf"), dtype=torch.float32)
         fooled = torch.zeros_like(y, dtype=torch.bool)

@@ -14,6 +14,7 @@ This module is not called ``foolbox.py`` so that it cannot shadow the foolbox pa
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -25,6 +26,7 @@ import torch
 from advlens.attacks import FOOLBOX_PREFIX, Attack
 from advlens.errors import ConfigError
 
+log = logging.getLogger(__name__)
 _P_TO_NORM = {float("inf"): "linf", 2.0: "l2", 1.0: "l1"}
 
 
@@ -89,8 +91,16 @@ class FoolboxAttack(Attack):
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.manual_seed(seed)
+            torch.manual_seed(seed % 2**64)
             _, clipped, _ = attack(fmodel, x.contiguous(), y, epsilons=self.eps)
+        same = (clipped == x).flatten(1).all(1).sum().item()
+        if same:  # say so: the contract promises a perturbed twin, foolbox may not give one
+            log.warning(
+                "attack %s returned the clean input for %d of %d attacked samples",
+                self.name,
+                same,
+                len(x),
+            )
         return clipped.detach()
 
 

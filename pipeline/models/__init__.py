@@ -121,7 +121,9 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             "state dict instead: torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ConfigError(f"model.checkpoint = {str(path)!r}: not a torch checkpoint ({exc})") from None
+        raise ConfigError(
+            f"model.checkpoint = {str(path)!r}: not a torch checkpoint ({exc})"
+        ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -2,13 +2,13 @@
 
 Layers marked * are the main stage outputs that ``layers.select = ["auto"]`` picks;
 ``all`` picks every listed layer. Names and globs from this list go into ``layers.select``.
-No weights are needed (a small-cnn is not trained just to list its layers), except for
-``denser``, whose architecture lives in its HDF5 file.
+No weights are loaded (a small-cnn is not trained just to list its layers); ``denser``
+needs ``--checkpoint``, the HDF5 file that holds its architecture.
 
 Examples:
   advlens layers --model small-cnn
   advlens layers --model wrn-28-10                      # CIFAR-10 input (3, 32, 32)
-  advlens layers --model denser --checkpoint net_1.h5 --mean mean.npy
+  advlens layers --model denser --checkpoint net_1/train_0.hdf5
   advlens layers --model wrn-28-10 --select 'block2.layer.*' --pool gap
   advlens layers --model mypkg.nets:resnet --checkpoint weights.pt --dataset cifar10
 """
@@ -18,7 +18,11 @@ from __future__ import annotations
 import argparse
 
 # Input shape and class count per dataset; models default to the dataset they were made for.
-SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "synthetic": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+SHAPES = {
+    "fashion-mnist": ((1, 28, 28), 10),
+    "synthetic": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
 MODEL_DATASET = {"wrn": "cifar10", "denser": "cifar10"}
 
 
@@ -31,26 +35,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fashion-mnist, cifar10, synthetic or folder (default: the model's own)",
     )
     parser.add_argument("--data-path", default=None, help="folder of a 'folder' dataset")
-    parser.add_argument("--mean", default=None, help="denser: per-pixel training mean (.npy)")
     parser.add_argument("--select", nargs="*", default=None, help="show what these patterns pick")
-    parser.add_argument("--pool", default="none", choices=("none", "gap"), help="feature size with pooling")
+    parser.add_argument(
+        "--pool", default="none", choices=("none", "gap"), help="feature size with pooling"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     from advlens.config import ModelConfig
-    from advlens.errors import ConfigError
     from advlens.models import build_model
     from advlens.models.taps import catalog, select_layers
 
     dataset = args.dataset or MODEL_DATASET.get(args.model.split("-")[0], "fashion-mnist")
     in_shape, n_classes = _shape(dataset, args.data_path)
     kwargs = {"name": args.model, "checkpoint": args.checkpoint, "device": "cpu"}
-    if args.mean:
-        if "mean" not in ModelConfig.__dataclass_fields__:
-            raise ConfigError("--mean needs the model.mean setting, which this advlens lacks")
-        kwargs["mean"] = args.mean
-    cfg = ModelConfig(**kwargs)
-    model = build_model(cfg, dataset, in_shape, n_classes, weights=bool(args.checkpoint))
+    # Shapes need no weights: nothing is trained or loaded (denser reads its architecture).
+    model = build_model(ModelConfig(**kwargs), dataset, in_shape, n_classes, weights=False)
     infos = catalog(model, in_shape)
     chosen = set(select_layers(infos, args.select, include_input=False)) if args.select else None
     width = max(len(i.name) for i in infos)

@@ -56,7 +56,9 @@ def activation(name) -> nn.Module:
         name = name.get("config") if isinstance(name.get("config"), str) else name.get("class_name")
     name = (name or "linear").lower()
     if name not in _ACTIVATIONS:
-        raise ConfigError(f"DENSER/Keras activation {name!r} is not supported; known: {', '.join(_ACTIVATIONS)}")
+        raise ConfigError(
+            f"DENSER/Keras activation {name!r} is not supported; known: {', '.join(_ACTIVATIONS)}"
+        )
     return Act(name)
 
 
@@ -103,7 +105,9 @@ class Act(nn.Module):
 # --------------------------------------------------------------------------- layers
 
 
-def _tf_same_pads(size: tuple[int, int], kernel, stride, dilation=(1, 1)) -> tuple[int, int, int, int]:
+def _tf_same_pads(
+    size: tuple[int, int], kernel, stride, dilation=(1, 1)
+) -> tuple[int, int, int, int]:
     """F.pad tuple (left, right, top, bottom) for TensorFlow's ``same`` padding."""
     pads = []
     for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
@@ -127,7 +131,13 @@ class Conv(nn.Module):
         if cfg.get("groups", 1) != 1:
             raise ConfigError(f"Conv2D {cfg.get('name')!r}: grouped convolutions are not supported")
         self.conv = nn.Conv2d(
-            kernel.shape[2], kernel.shape[3], self.kernel_size, self.stride, 0, self.dilation, bias="bias" in weights
+            kernel.shape[2],
+            kernel.shape[3],
+            self.kernel_size,
+            self.stride,
+            0,
+            self.dilation,
+            bias="bias" in weights,
         )
         with torch.no_grad():
             self.conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
@@ -137,7 +147,9 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same:
-            x = F.pad(x, _tf_same_pads(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation))
+            x = F.pad(
+                x, _tf_same_pads(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
+            )
         return self.act(self.conv(x))
 
 
@@ -154,7 +166,11 @@ class Pool(nn.Module):
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = _tf_same_pads(tuple(x.shape[-2:]), self.kernel, self.stride) if self.same else (0, 0, 0, 0)
+        pads = (
+            _tf_same_pads(tuple(x.shape[-2:]), self.kernel, self.stride)
+            if self.same
+            else (0, 0, 0, 0)
+        )
         if self.kind == "max":
             if any(pads):
                 x = F.pad(x, pads, value=float("-inf"))
@@ -194,16 +210,25 @@ class BatchNorm(nn.Module):
         axis = cfg.get("axis", -1)
         axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
         if axis not in (-1, 3, 1):
-            raise ConfigError(f"BatchNormalization {cfg.get('name')!r}: axis {axis} is not the channel axis")
+            raise ConfigError(
+                f"BatchNormalization {cfg.get('name')!r}: axis {axis} is not the channel axis"
+            )
         mean = weights["moving_mean"]
         n = mean.shape[0]
         self.eps = float(cfg.get("epsilon", 1e-3))
-        for key, default in (("gamma", 1.0), ("beta", 0.0), ("moving_mean", 0.0), ("moving_variance", 1.0)):
+        for key, default in (
+            ("gamma", 1.0),
+            ("beta", 0.0),
+            ("moving_mean", 0.0),
+            ("moving_variance", 1.0),
+        ):
             value = weights.get(key, np.full(n, default, np.float32))
             self.register_buffer(key, torch.from_numpy(np.asarray(value, np.float32).copy()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma, self.beta, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.moving_mean, self.moving_variance, self.gamma, self.beta, False, 0.0, self.eps
+        )
 
 
 class Flatten(nn.Module):
@@ -221,7 +246,9 @@ class Concat(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         if cfg.get("axis", -1) not in (-1, 3):
-            raise ConfigError(f"Concatenate {cfg.get('name')!r}: only the channel axis is supported")
+            raise ConfigError(
+                f"Concatenate {cfg.get('name')!r}: only the channel axis is supported"
+            )
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(xs, dim=1 if xs[0].ndim == 4 else -1)
@@ -294,7 +321,9 @@ def lambda_op(cfg: dict) -> str:
     """The known op a serialized Lambda function refers to, found without executing it."""
     fn = cfg.get("function")
     if cfg.get("arguments"):
-        raise ConfigError(f"Lambda {cfg.get('name')!r} takes arguments {cfg['arguments']}; not supported")
+        raise ConfigError(
+            f"Lambda {cfg.get('name')!r} takes arguments {cfg['arguments']}; not supported"
+        )
     if isinstance(fn, dict) and isinstance(fn.get("config"), dict):  # Keras 3 __lambda__
         code = fn["config"].get("code", "")
     elif isinstance(fn, dict):  # Keras 3 named function
@@ -303,7 +332,9 @@ def lambda_op(cfg: dict) -> str:
         code = fn[0]
     else:
         code = str(fn or "")
-    if cfg.get("function_type") == "function" or (isinstance(fn, dict) and fn.get("class_name") == "function"):
+    if cfg.get("function_type") == "function" or (
+        isinstance(fn, dict) and fn.get("class_name") == "function"
+    ):
         names = {code.rsplit(".", 1)[-1]}  # a named function: its name is all there is
     else:
         try:
@@ -368,14 +399,18 @@ def _layers_of(config: dict) -> tuple[list[dict], bool]:
         return layers, True
     if cls in ("Model", "Functional"):
         return inner["layers"], False
-    raise ConfigError(f"model config of class {cls!r}: expected a Keras Sequential or functional Model")
+    raise ConfigError(
+        f"model config of class {cls!r}: expected a Keras Sequential or functional Model"
+    )
 
 
 def _inbound(layer: dict) -> list[str]:
     """Names of the layers feeding ``layer`` (Keras 2 nested lists or Keras 3 keras_history)."""
     nodes = layer.get("inbound_nodes") or []
     if len(nodes) > 1:
-        raise ConfigError(f"layer {layer.get('name')!r} is called {len(nodes)} times; shared layers are not supported")
+        raise ConfigError(
+            f"layer {layer.get('name')!r} is called {len(nodes)} times; shared layers are not supported"
+        )
     names: list[str] = []
 
     def walk(obj):
@@ -473,7 +508,9 @@ def load_denser(path: str | Path, mean=None, *, strip_softmax: bool = True) -> K
 
 def _convert(kind: str, cfg: dict, weights) -> nn.Module:
     if cfg.get("data_format", "channels_last") != "channels_last":
-        raise ConfigError(f"layer {cfg.get('name')!r}: only channels_last Keras models are supported")
+        raise ConfigError(
+            f"layer {cfg.get('name')!r}: only channels_last Keras models are supported"
+        )
     if kind == "Conv2D":
         return Conv(cfg, weights())
     if kind == "Dense":
@@ -494,7 +531,9 @@ def _convert(kind: str, cfg: dict, weights) -> nn.Module:
         return LambdaOp(cfg)
     if kind == "Concatenate":
         return Concat(cfg)
-    raise ConfigError(f"Keras layer {cfg.get('name')!r} of type {kind} is not supported; supported: {', '.join(SUPPORTED)}")
+    raise ConfigError(
+        f"Keras layer {cfg.get('name')!r} of type {kind} is not supported; supported: {', '.join(SUPPORTED)}"
+    )
 
 
 def _strip_softmax(nodes, output: str) -> None:
@@ -532,7 +571,9 @@ def _resolve_mean(mean, path: Path, stored, chw: tuple[int, int, int]) -> np.nda
         try:
             mean = np.load(mean, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.mean = {str(mean)!r}: cannot read a .npy array ({exc})") from None
+            raise ConfigError(
+                f"model.mean = {str(mean)!r}: cannot read a .npy array ({exc})"
+            ) from None
     m = np.asarray(mean, np.float32)
     c, h, w = chw
     if m.shape == (h, w, c):
@@ -541,7 +582,9 @@ def _resolve_mean(mean, path: Path, stored, chw: tuple[int, int, int]) -> np.nda
         return m
     if m.shape in ((c,), (1,), ()):
         return np.broadcast_to(m.reshape(-1, 1, 1) if m.ndim else m, chw).copy()
-    raise ConfigError(f"DENSER mean has shape {m.shape}; expected {(h, w, c)} (H, W, C) or {chw} or ({c},)")
+    raise ConfigError(
+        f"DENSER mean has shape {m.shape}; expected {(h, w, c)} (H, W, C) or {chw} or ({c},)"
+    )
 
 
 def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
@@ -556,9 +599,13 @@ def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
 def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
     """The DENSER network in ``cfg.checkpoint`` (a Keras .h5/.hdf5 file)."""
     if not cfg.checkpoint:
-        raise ConfigError("model.name = 'denser' needs model.checkpoint: the network's Keras .h5/.hdf5 file")
+        raise ConfigError(
+            "model.name = 'denser' needs model.checkpoint: the network's Keras .h5/.hdf5 file"
+        )
     mean = getattr(cfg, "mean", None)
     net = load_denser(cfg.checkpoint, mean if mean else (None if weights else "none"))
     if tuple(net.in_shape) != tuple(in_shape):
-        raise ConfigError(f"DENSER model {cfg.checkpoint} takes images {net.in_shape}, the dataset has {tuple(in_shape)}")
+        raise ConfigError(
+            f"DENSER model {cfg.checkpoint} takes images {net.in_shape}, the dataset has {tuple(in_shape)}"
+        )
     return net

@@ -7,6 +7,8 @@ about 90% test accuracy on Fashion-MNIST in a couple of minutes on two CPU cores
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -56,6 +58,8 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
             f"small-cnn has no trained weights for dataset {dataset!r} (advlens trains it on "
             f"{', '.join(TRAINABLE)}): set model.checkpoint to a state dict file"
         )
-    path = ensure_trained(dataset, seed=cfg.train_seed, epochs=cfg.train_epochs)
+    # Progress bar unless logging is quiet (`advlens --quiet` sets WARNING).
+    progress = logging.getLogger("advlens").isEnabledFor(logging.INFO)
+    path = ensure_trained(dataset, seed=cfg.train_seed, epochs=cfg.train_epochs, progress=progress)
     load_checkpoint(model, path)
     return model

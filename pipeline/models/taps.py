@@ -21,7 +21,15 @@ from advlens.errors import ConfigError, closest
 
 INPUT = "input"
 POOLS = ("none", "gap")
-_SKIP = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten)
+_SKIP = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.Flatten,
+)
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,9 @@ def tap_forward(
     out = {}
     for name in layers:  # in the caller's order
         if name == INPUT:
-            out[name] = x.detach().reshape(len(x), -1).clone() if not grad else x.reshape(len(x), -1)
+            out[name] = (
+                x.detach().reshape(len(x), -1).clone() if not grad else x.reshape(len(x), -1)
+            )
         elif name in acts:
             out[name] = acts[name]
         else:

@@ -43,7 +43,9 @@ def _call(factory, n_classes: int, where: str) -> nn.Module:
     kwargs = {"num_classes": n_classes} if "num_classes" in params else {}
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name = {where!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(
+            f"model.name = {where!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -56,7 +58,9 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ConfigError(f"model.name = {cfg.name!r}: cannot import {module_name!r} ({exc})") from None
+            raise ConfigError(
+                f"model.name = {cfg.name!r}: cannot import {module_name!r} ({exc})"
+            ) from None
         factory = getattr(module, attr, None)
         if not callable(factory):
             raise ConfigError(f"model.name = {cfg.name!r}: {module_name} has no callable {attr!r}")

@@ -52,7 +52,10 @@ class NetworkBlock(nn.Module):
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int):
         super().__init__()
         self.layer = nn.Sequential(
-            *[BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)]
+            *[
+                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(n)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,9 @@ class NetworkBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen_factor`` for 3-channel [0, 1] images."""
 
-    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3):
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3
+    ):
         super().__init__()
         if (depth - 4) % 6:
             raise ConfigError(f"WideResNet depth {depth}: must be 6n + 4 (e.g. 16, 28, 34, 40)")
