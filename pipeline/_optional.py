@@ -9,7 +9,7 @@ from advlens.errors import AdvlensError
 
 HINTS = {
     "cupy": "pip install cupy-cuda12x  (or cupy-cuda13x for CUDA 13)",
-    "cuml": "pip install --extra-index-url=https://pypi.nvidia.com cuml-cu12  (or cuml-cu13)",
+    "cuml": "pip install cuml-cu12 (or cuml-cu13), from NVIDIA's package index",
     "dask_cuda": "pip install dask-cuda",
     "foolbox": "pip install foolbox",
     "openTSNE": "pip install openTSNE",

@@ -52,7 +52,7 @@ class LayerTask:
                 self.engine,
                 self.seed,
                 self.perplexity,
-                asdict(self.embed),
+                _shaping(self.embed),
                 asdict(self.overlap),
             ],
             sort_keys=True,
@@ -87,6 +87,14 @@ class LayerTask:
             "perplexity": self.perplexity,
             "k": self.overlap.k,
         }
+
+
+def _shaping(embed: EmbedConfig) -> dict[str, Any]:
+    """Embed settings that shape one task's result: the repeat lists are spread over tasks."""
+    d = asdict(embed)
+    for key in ("engine", "engines", "seed", "seeds", "perplexity", "perplexities"):
+        d.pop(key)
+    return d
 
 
 def run_layer_task(task: LayerTask) -> dict[str, Any]:

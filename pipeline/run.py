@@ -86,6 +86,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     from advlens.analyze import LayerTask, run_layer_task
     from advlens.schedule import run_tasks
 
+    _check_names(cfg)
     timings: dict[str, float] = {}
     # Absolute paths: Dask workers may run in another working directory.
     run_dir = cfg.output.run_dir.resolve()
@@ -168,6 +169,26 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
 
 
+def _check_names(cfg: RunConfig) -> None:
+    """Fail before any work when an engine or attack named in ``cfg`` cannot run."""
+    from advlens._optional import HINTS
+    from advlens.attacks import get_attack
+    from advlens.embed import get_engine
+
+    for name in cfg.embed.engine_names:
+        if not get_engine(name).available():
+            raise ConfigError(
+                f"embed.engine = {name!r} is not usable on this machine (it needs "
+                f"{'a GPU and ' + HINTS[name] if name in HINTS else 'a GPU'}); "
+                "pick opentsne or sklearn, or auto"
+            )
+    for name in cfg.attack.attack_names:
+        for norm in cfg.attack.norms:
+            eps = cfg.attack.eps_for(norm, cfg.data.source)
+            if eps > 0:
+                get_attack(name, norm, eps, n_iter=cfg.attack.n_iter, seed=cfg.attack.seed)
+
+
 def _model_and_data(cfg: RunConfig):
     from advlens.data import load_dataset
     from advlens.models import build_model
@@ -194,8 +215,9 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     correct = np.flatnonzero(np.concatenate(preds) == data.labels)
     if len(correct) < cfg.data.n:
         raise ConfigError(
-            f"data.n = {cfg.data.n}, but the model classifies only {len(correct)} of "
-            f"{len(data.labels)} {data.name} {cfg.data.split} images correctly; lower data.n"
+            f"data.n = {cfg.data.n}, but only {len(correct)} of the {len(data.labels)} "
+            f"{data.name} {cfg.data.split} images are classified correctly (only those are "
+            "attacked); lower data.n"
         )
     accuracy = len(correct) / len(data.labels)
     log.info("clean accuracy %.4f on %d %s images", accuracy, len(data.labels), data.name)
@@ -206,22 +228,26 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
 def _attack_and_extract(
     cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress
 ) -> Path:
-    from advlens.attacks import get_attack
+    from advlens.attacks import Unperturbed, get_attack
     from advlens.extract import extract
     from advlens.store import ActivationStore
 
     a = cfg.attack
-    attack = get_attack(
-        attack_name,
-        norm,
-        eps,
-        n_iter=a.n_iter,
-        n_restarts=a.n_restarts,
-        rho=a.rho,
-        seed=a.seed,
-        autocast_bf16=a.autocast_bf16,
-        channels_last=a.channels_last,
-    )
+    if eps == 0:
+        log.info("%s %s: eps = 0, so every perturbed twin is its clean image", attack_name, norm)
+        attack = Unperturbed(name=attack_name, norm=norm, eps=0.0, seed=a.seed)
+    else:
+        attack = get_attack(
+            attack_name,
+            norm,
+            eps,
+            n_iter=a.n_iter,
+            n_restarts=a.n_restarts,
+            rho=a.rho,
+            seed=a.seed,
+            autocast_bf16=a.autocast_bf16,
+            channels_last=a.channels_last,
+        )
     # Only what shapes the activations decides whether an existing store can be resumed.
     identity = {
         "data": cfg.to_dict()["data"],

@@ -325,10 +325,10 @@ def _error_row(task: Any, position: int, exc: BaseException) -> dict[str, Any]:
 
 
 def _bar(total: int, progress: bool):
-    from tqdm import tqdm
+    from advlens.progress import bar
 
-    # The default format shows the rate and the time left; smoothing=0: average over the run.
-    return tqdm(total=total, unit="task", desc="tasks", disable=not progress, smoothing=0)
+    # A bar with rate and time left on a terminal, log lines elsewhere or with --quiet.
+    return bar(total=total, desc="layer tasks", unit="task", enabled=None if progress else False)
 
 
 def _run_in_process(fn, tasks: list, retries: int, progress: bool) -> list[dict[str, Any]]:

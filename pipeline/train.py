@@ -56,7 +56,6 @@ def train_small_cnn(
     import numpy as np
     import torch
     from torch import nn
-    from tqdm.auto import tqdm
 
     from advlens.models.small_cnn import SmallCNN
 
@@ -71,7 +70,11 @@ def train_small_cnn(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    bar = tqdm(total=steps, desc="train small-cnn", unit="step", disable=not progress)
+    from advlens.progress import bar as progress_bar
+
+    bar = progress_bar(
+        total=steps, desc="train small-cnn", unit="step", enabled=None if progress else False
+    )
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(n))
         total = 0.0

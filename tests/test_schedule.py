@@ -6,6 +6,7 @@ the same tasks run in the calling process (workers=0).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -122,12 +123,17 @@ def test_in_process_rows_follow_task_order_with_timings():
     assert rows[0]["overlap"] > 0.9 and rows[-1]["overlap"] < 0.2
 
 
-def test_progress_bar_shows_rate_and_can_be_off(capsys):
-    run_tasks(layer_like, make_tasks(3), progress=True)
-    err = capsys.readouterr().err
-    assert "3/3" in err and ("task/s" in err or "s/task" in err)
-    run_tasks(layer_like, make_tasks(3), progress=False)
-    assert capsys.readouterr().err == ""
+def test_progress_reports_rate_and_quiet_gives_log_lines_only(capsys, caplog):
+    # Off a terminal (as here) progress comes as log lines with the rate and time left.
+    with caplog.at_level(logging.INFO, logger="advlens.progress"):
+        run_tasks(layer_like, make_tasks(3), progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "advlens.progress"]
+    assert any("3/3 task" in line and "task/s" in line and "left" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="advlens.progress"):
+        run_tasks(layer_like, make_tasks(3), progress=False)
+    assert "\r" not in capsys.readouterr().err  # never a bar with progress=False (--quiet)
+    assert any("3/3 task" in r.getMessage() for r in caplog.records)
 
 
 @settings(max_examples=25, deadline=None)

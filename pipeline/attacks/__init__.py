@@ -249,6 +249,23 @@ class Attack:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Unperturbed(Attack):
+    """eps = 0: every twin is its clean image. The pipeline's sanity baseline (overlap ~ 1).
+
+    Not reachable through :func:`get_attack`, which refuses eps <= 0; ``advlens run`` uses it
+    when a norm's eps is set to exactly 0.
+    """
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", check_norm(self.norm))
+        object.__setattr__(self, "eps", 0.0)
+        object.__setattr__(self, "seed", check_seed(self.seed))
+
+    def _perturb(self, model, x, y, seed: int) -> torch.Tensor:
+        return x.clone()
+
+
 def list_attacks() -> list[str]:
     """Valid attack names: the APGD family and ``foolbox:<ClassName>`` for foolbox's attacks."""
     from advlens.attacks.foolbox_attacks import foolbox_attack_names
@@ -328,6 +345,7 @@ def get_attack(
 
 __all__ = [
     "NORMS",
+    "Unperturbed",
     "Attack",
     "AttackResult",
     "check_eps",

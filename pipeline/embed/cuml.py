@@ -1,6 +1,6 @@
 """RAPIDS cuML engine: ``cuml.manifold.TSNE`` with the FFT method, on a CUDA GPU.
 
-Install with ``pip install --extra-index-url=https://pypi.nvidia.com cuml-cu12`` (or
+Install with ``pip install cuml-cu12`` from NVIDIA's package index (or
 ``cuml-cu13``). Mapping of :class:`advlens.embed.TSNEParams` (cuML's documented API):
 
 - ``learning_rate_method=None``: cuML's default "adaptive" mode replaces the learning rate,
