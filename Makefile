@@ -24,14 +24,14 @@ help:
 
 setup: $(VENV)/.installed data
 
+# torchattacks is a test-only reference, installed with --no-deps: it declares torchvision,
+# which it does not import and which breaks beside the CPU build of torch.
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "advlens: $(PYTHON) not found; install Python 3.11+ (apt-get install python3 python3-venv)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "advlens: could not create $(VENV); run: apt-get install python3-venv"; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# torchattacks is a test-only reference; --no-deps because it declares torchvision, which
-	# it does not import and which breaks beside the CPU build of torch.
 	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $@
 

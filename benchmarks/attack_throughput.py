@@ -19,13 +19,13 @@ count, library versions, both throughputs and the ratio).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from advlens._env import device_name, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,30 +103,6 @@ def best_seconds(fn, device, repeats: int) -> list[float]:
     return out
 
 
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("advlens", "torch", "numpy", "foolbox"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
-
-
 def main() -> int:
     args = parse_args()
     import torch
@@ -168,7 +144,7 @@ def main() -> int:
         "device_kind": kind,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "versions": versions(),
+        "versions": versions("advlens", "torch", "numpy", "foolbox"),
         "model": args.model,
         "dataset_shape": list(in_shape),
         "batch_size": args.batch_size,

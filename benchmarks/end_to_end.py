@@ -20,7 +20,6 @@ Results: ``benchmarks/results/end_to_end_<cpu|gpu>.json`` (device name, versions
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import math
 import os
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from advlens._env import cpu_name, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,7 +129,7 @@ def main() -> None:
     errors = [r for r in result.rows if r.get("error")]
     out = {
         "benchmark": "end_to_end",
-        "device": torch.cuda.get_device_name() if gpu else _cpu_name(),
+        "device": torch.cuda.get_device_name() if gpu else cpu_name(),
         "cpu_count": os.cpu_count(),
         "seconds_total": total,
         "target_seconds": 600 if gpu and args.n >= 10_000 else None,
@@ -148,7 +149,9 @@ def main() -> None:
         "random_weights": args.checkpoint is None,
         "tf32": gpu and not args.no_tf32,
         "python": platform.python_version(),
-        "versions": _versions(),
+        "versions": versions(
+            "advlens", "torch", "numpy", "scipy", "scikit-learn", "openTSNE", "zarr", "dask"
+        ),
     }
     path = args.out or RESULTS / f"end_to_end_{'gpu' if gpu else 'cpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,26 +198,6 @@ def _self_labelled(args, checkpoint: Path, folder: Path, device: str) -> Path:
     name = "test_batch.bin" if args.split == "test" else "data_batch_1.bin"
     np.concatenate([y[:, None], pixels], axis=1).tofile(folder / name)
     return folder
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU: " + (platform.processor() or platform.machine())
-
-
-def _versions() -> dict[str, str | None]:
-    out = {}
-    for pkg in ("advlens", "torch", "numpy", "scipy", "scikit-learn", "openTSNE", "zarr", "dask"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from advlens._env import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("numpy", "kdtree_exact", "gpu")
 
@@ -43,16 +45,6 @@ def tsne_like(n: int, seed: int = 0) -> np.ndarray:
 
 def uniform(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-50, 50, size=(n, 2)).astype(np.float32)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def gpu():
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     k = args.k
     cp, gpu_name = gpu()
     notes = [] if cp else [f"GPU path skipped: {gpu_name}"]
-    device = gpu_name if cp else cpu_model()
+    device = gpu_name if cp else cpu_name()
     versions = {
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         knn2d(cp.asarray(make(5000, seed=1)), k)  # compile the kernel outside the timings
         cp.cuda.Stream.null.synchronize()
 
-    print(f"device: {device}; CPU: {cpu_model()} x {os.cpu_count()}; k = {k}; data: {args.data}")
+    print(f"device: {device}; CPU: {cpu_name()} x {os.cpu_count()}; k = {k}; data: {args.data}")
     rows = []
     for n in sizes:
         xy = make(n)
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "device": device,
         "gpu": bool(cp),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()),
         "versions": versions,

@@ -17,13 +17,14 @@ need two idle cores.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+
+from advlens._env import cpu_name, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -124,12 +125,14 @@ def main() -> None:
         "seconds_in_process": in_process,
         "task": {"n": args.n, "d": args.d, "n_iter": args.n_iter},
         "repeats": args.repeats,
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "python": platform.python_version(),
-        "versions": _versions(),
+        "versions": versions(
+            "advlens", "dask", "distributed", "numpy", "scikit-learn", "scipy", "openTSNE"
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -139,26 +142,6 @@ def main() -> None:
         f"in process: {in_process:.2f} s   "
         f"load average {load_before[0]:.1f} on {os.cpu_count()} CPUs -> {args.out}"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU: " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU: " + (platform.processor() or platform.machine())
-
-
-def _versions() -> dict[str, str | None]:
-    out = {}
-    for pkg in ("advlens", "dask", "distributed", "numpy", "scikit-learn", "scipy", "openTSNE"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ the load average (recorded in the JSON) lowers throughput; memory is not affecte
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -29,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from advlens._env import cpu_name, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,26 +86,6 @@ def child(n: int, d: int, batch: int, workdir: Path) -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("advlens", "numpy", "zarr", "numcodecs"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 16000], metavar="N")
@@ -144,10 +124,10 @@ def main() -> None:
     result = {
         "benchmark": "store_throughput",
         "device": "cpu",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
-        "versions": _versions(),
+        "versions": versions("advlens", "numpy", "zarr", "numcodecs"),
         "dtype": "float16",
         "runs": runs,
         "peak_rss_ratio": ratio,

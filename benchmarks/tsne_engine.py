@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from advlens._env import device_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -58,20 +60,6 @@ def pca50(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     rows = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
     pca = PCA(50, svd_solver="randomized", random_state=seed)
     return pca.fit_transform(images[rows]).astype(np.float32)
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def run_torch(x: np.ndarray, args, device: str) -> dict:

@@ -336,23 +336,11 @@ def _loadavg() -> list[float] | None:
 
 def environment() -> dict[str, Any]:
     """Device, CPU count, load and library versions, for the record."""
-    import importlib.metadata as md
+    from advlens._env import cpu_name, versions
 
-    versions = {}
-    for pkg in ("advlens", "numpy", "scipy", "scikit-learn", "openTSNE", "torch", "threadpoolctl",
-                "cuml-cu12", "cuml-cu13", "cupy-cuda12x", "cupy-cuda13x"):  # fmt: skip
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    libs = versions("advlens", "numpy", "scipy", "scikit-learn", "openTSNE", "torch",
+                    "threadpoolctl", "cuml-cu12", "cuml-cu13", "cupy-cuda12x", "cupy-cuda13x")  # fmt: skip
+    cpu = cpu_name()
     gpu = None
     try:
         import torch
@@ -371,7 +359,7 @@ def environment() -> dict[str, Any]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": versions,
+        "versions": libs,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import shutil
 import time
@@ -308,29 +309,10 @@ def _slug(name: str) -> str:
 
 
 def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, Any]:
-    import importlib.metadata as md
+    from advlens._env import device_name, versions
 
-    versions = {}
-    for pkg in (
-        "torch",
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "openTSNE",
-        "zarr",
-        "dask",
-        "matplotlib",
-        "foolbox",
-    ):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    dev = device
-    if device.startswith("cuda"):
-        import torch
-
-        dev = f"{device} ({torch.cuda.get_device_name(device)})"
+    libs = versions("torch", "numpy", "scipy", "scikit-learn", "openTSNE", "zarr", "dask",
+                    "matplotlib", "foolbox")  # fmt: skip
     return {
         "advlens_version": __version__,
         "config": cfg.to_dict(),
@@ -341,8 +323,8 @@ def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, 
         },
         "dataset": {"name": data.name, "split": cfg.data.split, "n": cfg.data.n},
         "layers": [{"name": name, "shape": list(shapes[name])} for name in layers],
-        "device": dev,
-        "host": {"platform": platform.platform(), "python": platform.python_version()},
-        "versions": versions,
+        "device": f"{device} ({device_name(device)})",
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": libs,
         "timings": timings,
     }
