@@ -29,10 +29,13 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "advlens: $(PYTHON) not found; install Python 3.11+ (apt-get install python3 python3-venv)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "advlens: could not create $(VENV); run: apt-get install python3-venv"; exit 1; }
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
+	$(BIN)/python -m pip install -q --upgrade pip || true
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" && \
+	$(BIN)/python -m pip install -q -e ".[test]" && \
+	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1" || { \
+	  echo "advlens: pip could not install the dependencies (is PyPI reachable?). Fix that, then run:"; \
+	  echo "  $(BIN)/python -m pip install '$(TORCH_SPEC)' && $(BIN)/python -m pip install -e '.[test]' && make setup"; \
+	  exit 1; }
 	touch $@
 
 data: $(FMNIST)

@@ -58,6 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # Also accepted after `tsne`; SUPPRESS keeps `advlens bench --quiet tsne` working too.
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="log lines instead of progress bars")  # fmt: skip
     p.add_argument("--engines", default="sklearn,opentsne,cuml,torch", help="comma list")
     p.add_argument("--n", default="10000,70000", help="sizes, comma list (default 10000,70000)")
     p.add_argument(

@@ -28,6 +28,7 @@ ROW_KEYS = (
 METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc")
 GROUP_KEYS = ("attack", "norm", "layer")
 REPEAT_KEYS = ("engine", "seed", "perplexity")
+PLURAL = {"engine": "engines", "seed": "seeds", "perplexity": "perplexities"}
 ARTEFACT_GAP = 0.2  # |overlap on the map - overlap on the reduced points| above this: flag
 N_BOOT = 2000
 
@@ -183,7 +184,7 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
             "ci_high": first.get("ci_high") if len(rs) == 1 else None,
         }
         for key in REPEAT_KEYS:
-            a[key + "s"] = " ".join(sorted({str(r.get(key)) for r in rs}))
+            a[PLURAL[key]] = " ".join(sorted({str(r.get(key)) for r in rs}))
         for m in METRICS:
             for stat, v in _stats([r.get(m) for r in rs]).items():
                 a[f"{m}_{stat}"] = v
