@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +117,9 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     x = reduce(store.joint(task.layer), task.embed.pca_dims, seed=task.seed, device=task.device)
     t1 = time.perf_counter()
 
-    cfg = task.embed
-    params = TSNEParams(
-        perplexity=task.perplexity,
-        n_iter=cfg.n_iter,
-        early_exaggeration=cfg.early_exaggeration,
-        early_exaggeration_iter=cfg.early_exaggeration_iter,
-        learning_rate=cfg.learning_rate,
-        init=cfg.init,
-        seed=task.seed,
-        n_jobs=cfg.n_jobs,
-    )
+    # The shared t-SNE settings come from the config; seed and perplexity from this task.
+    shared = {f.name: getattr(task.embed, f.name) for f in fields(TSNEParams)}
+    params = TSNEParams(**(shared | {"seed": task.seed, "perplexity": task.perplexity}))
     emb = embed(x, engine=task.engine, params=params)
     t2 = time.perf_counter()
 

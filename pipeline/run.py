@@ -170,10 +170,23 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
 
 
+def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
+    """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline."""
+    from advlens.attacks import Unperturbed, get_attack
+
+    a = cfg.attack
+    if eps == 0:
+        log.info("%s %s: eps = 0, so every perturbed twin is its clean image", name, norm)
+        return Unperturbed(name=name, norm=norm, eps=0.0, seed=a.seed)
+    return get_attack(
+        name, norm, eps, n_iter=a.n_iter, n_restarts=a.n_restarts, rho=a.rho, seed=a.seed,
+        autocast_bf16=a.autocast_bf16, channels_last=a.channels_last,
+    )  # fmt: skip
+
+
 def _check_names(cfg: RunConfig) -> None:
     """Fail before any work when an engine or attack named in ``cfg`` cannot run."""
     from advlens._optional import HINTS
-    from advlens.attacks import get_attack
     from advlens.embed import get_engine
 
     for name in cfg.embed.engine_names:
@@ -185,9 +198,7 @@ def _check_names(cfg: RunConfig) -> None:
             )
     for name in cfg.attack.attack_names:
         for norm in cfg.attack.norms:
-            eps = cfg.attack.eps_for(norm, cfg.data.source)
-            if eps > 0:
-                get_attack(name, norm, eps, n_iter=cfg.attack.n_iter, seed=cfg.attack.seed)
+            build_attack(cfg, name, norm, cfg.attack.eps_for(norm, cfg.data.source))
 
 
 def _model_and_data(cfg: RunConfig):
@@ -229,30 +240,16 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
 def _attack_and_extract(
     cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress
 ) -> Path:
-    from advlens.attacks import Unperturbed, get_attack
     from advlens.extract import extract
     from advlens.store import ActivationStore
 
     a = cfg.attack
-    if eps == 0:
-        log.info("%s %s: eps = 0, so every perturbed twin is its clean image", attack_name, norm)
-        attack = Unperturbed(name=attack_name, norm=norm, eps=0.0, seed=a.seed)
-    else:
-        attack = get_attack(
-            attack_name,
-            norm,
-            eps,
-            n_iter=a.n_iter,
-            n_restarts=a.n_restarts,
-            rho=a.rho,
-            seed=a.seed,
-            autocast_bf16=a.autocast_bf16,
-            channels_last=a.channels_last,
-        )
+    attack = build_attack(cfg, attack_name, norm, eps)
     # Only what shapes the activations decides whether an existing store can be resumed.
+    full = cfg.to_dict()
     identity = {
-        "data": cfg.to_dict()["data"],
-        "model": cfg.to_dict()["model"],
+        "data": full["data"],
+        "model": full["model"],
         "attack": {
             "name": attack_name,
             "norm": norm,
@@ -263,12 +260,12 @@ def _attack_and_extract(
             "seed": a.seed,
             "batch_size": a.batch_size,
         },
-        "layers": cfg.to_dict()["layers"],
+        "layers": full["layers"],
         "dtype": cfg.output.dtype,
     }
     attrs = {
         "config": identity,
-        "run_config": cfg.to_dict(),
+        "run_config": full,
         "advlens_version": __version__,
         "model": cfg.model.name,
         "dataset": samples.name,
