@@ -103,7 +103,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         return json.loads(task.row_path.read_text())
 
     from advlens.embed import TSNEParams, embed
-    from advlens.overlap import detector_auc, overlap, overlap_highdim, overlap_sweep
+    from advlens.overlap import detector_auc, overlap_highdim, overlap_sweep
     from advlens.reduce import reduce
     from advlens.store import ActivationStore
 
@@ -126,16 +126,11 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     ov = task.overlap
     ks = tuple(sorted(set(ov.k_sweep) | {ov.k}))
     ks = tuple(k for k in ks if k < 2 * n)
-    sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
-    main = overlap(
-        emb.xy,
-        is_perturbed,
-        k=ov.k,
-        variant=ov.variant,
-        labels=labels,
-        bootstrap=ov.bootstrap,
-        seed=task.seed,
+    # One neighbour search serves every variant, every k and the bootstrap interval.
+    sweep = overlap_sweep(
+        emb.xy, is_perturbed, ks=ks, labels=labels, bootstrap=ov.bootstrap, seed=task.seed
     )
+    main = sweep[(ov.variant, ov.k)]
     base = sweep[("overlap", ov.k)]
     reduced = overlap_highdim(x, is_perturbed, k=ov.k).value
     # The detector trains on half the samples; tiny runs need a smaller k than the map.

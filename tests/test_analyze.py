@@ -111,3 +111,14 @@ def test_task_id_changes_with_settings_but_not_with_repeat_lists(rows):
     assert more_seeds.task_id == task.task_id
     assert other_iters.task_id != task.task_id
     assert replace(task, seed=1).task_id != task.task_id
+
+
+def test_report_uses_the_stored_k_sweep_which_matches_the_map(rows):
+    from advlens.report.tables import TaskMap, knn_overlap_sweep, row_sweep
+
+    for task, row in rows.values():
+        z = np.load(task.map_path)
+        m = TaskMap(row, z["xy"], z["is_perturbed"], z["labels"], z["per_point"])
+        assert row_sweep(m, (5, 10, 20)) == knn_overlap_sweep(
+            z["xy"], z["is_perturbed"], (5, 10, 20)
+        )

@@ -150,10 +150,7 @@ def _classes(provenance: dict) -> list[str] | None:
 
 
 def _sweeps(maps: dict, ks: Sequence[int]) -> dict:
-    return {
-        key: {m.row["layer"]: tables.knn_overlap_sweep(m.xy, m.is_perturbed, ks) for m in ms}
-        for key, ms in maps.items()
-    }
+    return {key: {m.row["layer"]: tables.row_sweep(m, ks) for m in ms} for key, ms in maps.items()}
 
 
 def _per_class(maps: dict) -> dict:

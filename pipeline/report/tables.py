@@ -251,28 +251,23 @@ def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str]
 
 
 def knn_overlap_sweep(xy: np.ndarray, is_perturbed: np.ndarray, ks: Sequence[int]) -> dict:
-    """``overlap`` at each k (one kNN pass at max k): :func:`advlens.overlap.overlap_sweep`
-    where present, else the same definition through a SciPy k-d tree."""
-    ks = [k for k in ks if 0 < k < len(xy)]
-    try:
-        from advlens.overlap import overlap_sweep
-    except ImportError:
-        overlap_sweep = None
-    if overlap_sweep is not None:
-        res = overlap_sweep(xy, is_perturbed, ks=tuple(ks), variants=("overlap",))
-        return {k: float(res[("overlap", k)].value) for k in ks}
-    from scipy.spatial import cKDTree
+    """``overlap`` at each k, from one kNN pass (:func:`advlens.overlap.overlap_sweep`)."""
+    from advlens.overlap import overlap_sweep
 
-    kmax = max(ks, default=0)
-    if kmax == 0:
+    ks = [k for k in ks if 0 < k < len(xy)]
+    if not ks:
         return {}
-    _, idx = cKDTree(xy).query(xy, k=kmax + 1)
-    # drop the point itself (it need not come first when points coincide)
-    keep = idx != np.arange(len(xy))[:, None]
-    keep[keep.all(axis=1), -1] = False
-    nbr = idx[keep].reshape(len(xy), kmax)
-    other = is_perturbed[nbr] != is_perturbed[:, None]
-    return {k: float(other[:, :k].any(axis=1).mean()) for k in ks}
+    res = overlap_sweep(xy, is_perturbed, ks=tuple(ks), variants=("overlap",))
+    return {k: float(res[("overlap", k)].value) for k in ks}
+
+
+def row_sweep(m: TaskMap, ks: Sequence[int]) -> dict:
+    """The k-sweep a layer task already stored in its row; recomputed only when it lacks a k."""
+    stored = m.row.get("k_sweep") or {}
+    ks = [k for k in ks if 0 < k < len(m.xy)]
+    if all(f"overlap@{k}" in stored for k in ks):
+        return {k: float(stored[f"overlap@{k}"]) for k in ks}
+    return knn_overlap_sweep(m.xy, m.is_perturbed, ks)
 
 
 def per_class_overlap(m: TaskMap) -> dict[int, float]:
