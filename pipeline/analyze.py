@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,7 @@ import numpy as np
 
 from advlens._io import write_json, write_npz
 from advlens.config import EmbedConfig, OverlapConfig
-
-# Overlap on the map and on the reduced points disagreeing by more than this flags a
-# possible t-SNE artefact (issue 11).
-ARTEFACT_GAP = 0.2
+from advlens.report.tables import ARTEFACT_GAP
 
 
 @dataclass(frozen=True)
@@ -103,6 +100,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         return json.loads(task.row_path.read_text())
 
     from advlens.embed import TSNEParams, embed
+    from advlens.kernels.metrics import bootstrap_ci
     from advlens.overlap import detector_auc, overlap_highdim, overlap_sweep
     from advlens.reduce import reduce
     from advlens.store import ActivationStore
@@ -117,20 +115,17 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     x = reduce(store.joint(task.layer), task.embed.pca_dims, seed=task.seed, device=task.device)
     t1 = time.perf_counter()
 
-    # The shared t-SNE settings come from the config; seed and perplexity from this task.
-    shared = {f.name: getattr(task.embed, f.name) for f in fields(TSNEParams)}
-    params = TSNEParams(**(shared | {"seed": task.seed, "perplexity": task.perplexity}))
+    params = TSNEParams.from_config(task.embed, seed=task.seed, perplexity=task.perplexity)
     emb = embed(x, engine=task.engine, params=params)
     t2 = time.perf_counter()
 
     ov = task.overlap
     ks = tuple(sorted(set(ov.k_sweep) | {ov.k}))
     ks = tuple(k for k in ks if k < 2 * n)
-    # One neighbour search serves every variant, every k and the bootstrap interval.
-    sweep = overlap_sweep(
-        emb.xy, is_perturbed, ks=ks, labels=labels, bootstrap=ov.bootstrap, seed=task.seed
-    )
+    # One neighbour search serves every variant and k; the interval only for the reported one.
+    sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
     main = sweep[(ov.variant, ov.k)]
+    ci = bootstrap_ci(main.per_point, ov.bootstrap, task.seed) if ov.bootstrap else None
     base = sweep[("overlap", ov.k)]
     reduced = overlap_highdim(x, is_perturbed, k=ov.k).value
     # The detector trains on half the samples; tiny runs need a smaller k than the map.
@@ -145,8 +140,8 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "pair": sweep[("pair", ov.k)].value,
         "value": main.value,
         "variant": ov.variant,
-        "ci_low": main.ci[0] if main.ci else None,
-        "ci_high": main.ci[1] if main.ci else None,
+        "ci_low": ci[0] if ci else None,
+        "ci_high": ci[1] if ci else None,
         "overlap_reduced": reduced,
         "artefact_flag": bool(abs(reduced - base.value) > ARTEFACT_GAP),
         "auc": auc,

@@ -213,10 +213,6 @@ class RunConfig:
         """Plain, JSON-serialisable dict (tuples become lists)."""
         return _jsonable(dataclasses.asdict(self))
 
-    def replace(self, **overrides: Any) -> RunConfig:
-        """Copy with ``section.key=value`` style overrides (see :func:`apply_overrides`)."""
-        return apply_overrides(self, [f"{k}={v!r}" for k, v in overrides.items()])
-
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):

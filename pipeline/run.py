@@ -318,7 +318,12 @@ def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, 
             "checkpoint": cfg.model.checkpoint,
             "parameters": int(sum(p.numel() for p in model.parameters())),
         },
-        "dataset": {"name": data.name, "split": cfg.data.split, "n": cfg.data.n},
+        "dataset": {
+            "name": data.name,
+            "split": cfg.data.split,
+            "n": cfg.data.n,
+            "classes": list(data.classes),
+        },  # fmt: skip
         "layers": [{"name": name, "shape": list(shapes[name])} for name in layers],
         "device": f"{device} ({device_name(device)})",
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},

@@ -17,7 +17,7 @@ with a progress bar and per-task timings. Where the tasks run:
 A task that raises is retried ``retries`` times, then reported as a row with its identity and
 its ``error`` while the other tasks finish. A worker that dies (killed, out of memory) loses
 its running task to another worker. Tasks skip outputs that already exist and write with
-:func:`atomic_write`, so an interrupted schedule resumes where it stopped.
+:func:`advlens._io.atomic_write`, so an interrupted schedule resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from advlens._io import atomic_write
 from advlens.errors import ConfigError
 
 __all__ = [
     "ClusterPlan",
-    "atomic_write",
     "describe_cluster",
     "list_gpus",
     "plan_cluster",

@@ -211,11 +211,12 @@ def summary(rows: Sequence[dict], run_dir: str | Path | None = None) -> str:
     lines = []
     if run_dir is not None:
         lines.append(f"advlens: results in {Path(run_dir)}/ (report.html, metrics.csv, figures/)")
+    drops_all = overlap_drops(agg)
     for (attack, norm), curve in sorted(_curves(agg, "overlap").items()):
         eps = next((a.get("eps") for a in agg if (a["attack"], a["norm"]) == (attack, norm)), None)
         head = f"{attack} {norm}" + (f" eps={eps:g}" if eps is not None else "")
         text = f"{head}: overlap {curve[0][1]:.2f} at {curve[0][0]} -> {curve[-1][1]:.2f} at {curve[-1][0]}"
-        drops = overlap_drops(agg).get((attack, norm), [])
+        drops = drops_all.get((attack, norm), [])
         if drops:
             text += "; drops most at " + ", ".join(
                 f"{layer} (-{d:.2f} after {prev})" for layer, prev, d in drops
@@ -226,7 +227,8 @@ def summary(rows: Sequence[dict], run_dir: str | Path | None = None) -> str:
     if flags:
         lines.append(
             f"artefact check: {len(flags)} layer(s) where map and reduced-point overlap differ "
-            "by > 0.2: " + ", ".join(f"{a['layer']} ({a['norm']})" for a in flags[:8])
+            f"by > {tables.ARTEFACT_GAP:g}: "
+            + ", ".join(f"{a['layer']} ({a['norm']})" for a in flags[:8])
         )
     failed = [r for r in rows if r.get("error")]
     if failed:
