@@ -1,4 +1,4 @@
-"""Overlap statistics on neighbour indices (DESIGN.md, "The overlap metric").
+"""Overlap statistics on neighbour indices (docs/design.md, "The overlap metric").
 
 Array code for numpy or cupy (``xp``): per-point values from an (n, K) neighbour table sorted by
 (distance, index), so that the first k columns are the exact k-NN for any k <= K (a k-sweep

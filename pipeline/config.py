@@ -150,7 +150,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class OverlapConfig:
-    """The overlap metric (see DESIGN.md): variant and k, plus a k-sweep."""
+    """The overlap metric (see docs/design.md): variant and k, plus a k-sweep."""
 
     k: int = 10
     variant: str = "overlap"

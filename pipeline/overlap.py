@@ -1,4 +1,4 @@
-"""How much the clean and the perturbed point clouds overlap (DESIGN.md, "The overlap metric").
+"""How much the clean and the perturbed point clouds overlap (docs/design.md, "The overlap metric").
 
 On the 2-D map (:func:`overlap`, :func:`overlap_sweep`), on the reduced high-dimensional points
 (:func:`overlap_highdim`, the t-SNE artefact check), and as the ROC AUC of a kNN detector that

@@ -1,6 +1,6 @@
 """Activation store: one Zarr v3 group per (attack, norm), written while the attack runs.
 
-Layout (see DESIGN.md)::
+Layout (see docs/design.md)::
 
     <run>/<attack>-<norm>.zarr/   attrs: advlens version, store format, run config, identity, status
       samples/{index,label,pred_clean,pred_perturbed,success,norm}   (N,)

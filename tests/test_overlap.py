@@ -30,7 +30,7 @@ def flags(n: int) -> np.ndarray:
 
 
 def oracle(x: np.ndarray, is_pert: np.ndarray, k: int, variant: str) -> np.ndarray:
-    """Per-point values written out from DESIGN.md, with scikit-learn's neighbours (continuous
+    """Per-point values written out from docs/design.md, with scikit-learn's neighbours (continuous
     data: no distance ties, so any exact kNN gives the same sets)."""
     nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
     _, idx = nn.kneighbors(x)

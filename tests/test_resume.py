@@ -108,7 +108,7 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 def _n_done(path: Path) -> int:
-    # Cheap poll of the layout (DESIGN.md): one chunk file progress/batches/c/<b> per finished batch.
+    # Cheap poll of the layout (docs/design.md): one chunk file progress/batches/c/<b> per finished batch.
     folder = path / "progress" / "batches" / "c"
     return sum(name.isdigit() for name in os.listdir(folder)) if folder.is_dir() else 0
 
