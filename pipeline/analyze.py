@@ -2,13 +2,15 @@
 
 Tasks are independent, so the scheduler can run them on any worker. Each writes its metrics
 row (``tasks/<id>.json``) and its map (``tasks/<id>.npz``) atomically and is skipped when its
-row already exists, so an interrupted schedule resumes where it stopped.
+row and map already exist and read back intact, so an interrupted schedule resumes where it
+stopped; a damaged or missing one is recomputed with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from advlens._io import write_json, write_npz
+from advlens._io import record, write_json, write_npz
 from advlens.config import EmbedConfig, OverlapConfig
-from advlens.report.tables import ARTEFACT_GAP
+from advlens.errors import StoreError
+from advlens.report.tables import ARTEFACT_GAP, read_task_map, read_task_row
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,9 @@ def _shaping(embed: EmbedConfig) -> dict[str, Any]:
 
 def run_layer_task(task: LayerTask) -> dict[str, Any]:
     """Analyse one layer; return its metrics row (read back when the task already ran)."""
-    if task.row_path.exists():
-        return json.loads(task.row_path.read_text())
+    done = _done_row(task)
+    if done is not None:
+        return done
 
     from advlens.embed import TSNEParams, embed
     from advlens.kernels.metrics import bootstrap_ci
@@ -153,6 +159,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "engine_seconds": emb.seconds,
         "error": None,
     }
+    record(task.run_dir, task.map_path, task.row_path)  # before writing: see advlens._io
     write_npz(
         task.map_path,
         xy=emb.xy,
@@ -163,4 +170,17 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     key = f"{task.engine}-{task.seed}" + (f"-p{task.perplexity:g}" if task.perplexity != 30 else "")
     store.write_embedding(task.layer, key, emb.xy)
     write_json(task.row_path, row)  # last: its presence marks the task done
+    return row
+
+
+def _done_row(task: LayerTask) -> dict[str, Any] | None:
+    """The row of a task that already ran, when its row and map read back intact."""
+    if not (task.row_path.exists() or task.map_path.exists()):
+        return None
+    try:
+        row = read_task_row(task.row_path)
+        read_task_map(task.map_path, row)
+    except StoreError as exc:
+        log.warning("%s; recomputing task %s", exc, task.task_id)
+        return None
     return row

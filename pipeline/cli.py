@@ -24,7 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("advlens.sweep", "run the layer analysis at growing sample sizes"),
     "compare": ("advlens.report.compare", "one curve figure and table over several runs"),
     "report": ("advlens.report.html", "(re)write a run's self-contained report.html"),
+    "verify": ("advlens.verify", "check a run's stores, rows and maps; say what to recompute"),
 }
+
+
+EXIT_CODES = """Exit status:
+  0  done: for `run`, every layer task produced a row
+  1  `run`: some tasks failed (metrics and report still written, the summary names them;
+     rerun the same command to retry them); `verify`: something is damaged
+  2  bad input: a setting, file or command line that advlens refuses, with a message
+  130 interrupted: rerun the same command to resume"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="advlens",
         description="Where, inside a network, do adversarial examples part ways with clean inputs?",
         epilog="Examples:\n  advlens run\n  advlens run --set data.n=200 --set attack.norms=linf\n"
-        "  advlens layers --model small-cnn\n  advlens <command> --help",
+        "  advlens layers --model small-cnn\n  advlens verify runs/default\n"
+        "  advlens <command> --help\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"advlens {__version__}")

@@ -178,6 +178,20 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"output.dtype = {self.dtype!r}: use float16 or float32")
+        name = Path(self.name)
+        if not self.name or name.is_absolute() or ".." in name.parts or name == Path("."):
+            raise ConfigError(
+                f"output.name = {self.name!r} must name a folder inside output.root "
+                "(no '..', not absolute): use output.root to write elsewhere"
+            )
+        path = self.run_dir  # its first existing folder on the way up must be a folder
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"output.root = {self.root!r}, output.name = {self.name!r}: {str(path)!r} is "
+                "a file, not a folder: pick another output.root or output.name"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -11,6 +11,9 @@ Examples
 
 Results go to ``<output.root>/<output.name>/``. Rerunning the same command resumes a killed
 run; a run folder written with other settings is refused unless ``--overwrite`` is given.
+
+Exit status: 0 when every layer task produced a row; 1 when some failed (metrics and report
+are still written, the summary names the failed tasks; rerun to retry them); 2 for bad input.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import argparse
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +81,12 @@ def main(args: argparse.Namespace) -> int:
     from advlens.report import summary
 
     print(summary(result.rows, result.run_dir))
-    return 0
+    return exit_code(result.rows)
+
+
+def exit_code(rows: list[dict[str, Any]]) -> int:
+    """0 when there are rows and none records an error, else 1."""
+    return 0 if rows and not any(r.get("error") for r in rows) else 1
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
@@ -91,8 +98,6 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     timings: dict[str, float] = {}
     # Absolute paths: Dask workers may run in another working directory.
     run_dir = cfg.output.run_dir.resolve()
-    if cfg.output.overwrite and (run_dir / "tasks").exists():
-        shutil.rmtree(run_dir / "tasks")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
@@ -111,6 +116,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     samples = _pick_samples(cfg, model, data, device)
     timings["select"] = time.perf_counter() - t
 
+    if cfg.output.overwrite:  # only now: settings, model and data are known to be good
+        _clear_tasks(run_dir)
     stores: list[tuple[str, str, float, Path]] = []
     t = time.perf_counter()
     for attack_name in cfg.attack.attack_names:
@@ -199,6 +206,22 @@ def _check_names(cfg: RunConfig) -> None:
     for name in cfg.attack.attack_names:
         for norm in cfg.attack.norms:
             build_attack(cfg, name, norm, cfg.attack.eps_for(norm, cfg.data.source))
+
+
+def _clear_tasks(run_dir: Path) -> None:
+    """For ``--overwrite``: delete the task rows and maps advlens wrote, leave anything else."""
+    from advlens._io import remove_written
+
+    tasks = run_dir / "tasks"
+    if not tasks.is_dir():
+        return
+    removed, left = remove_written(run_dir, sorted(p for p in tasks.rglob("*") if p.is_file()))
+    log.info("overwrite: removed %d task file(s) of the earlier run", len(removed))
+    if left:
+        log.warning(
+            "overwrite: left %d file(s) advlens did not write: %s",
+            len(left), ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""),
+        )  # fmt: skip
 
 
 def _model_and_data(cfg: RunConfig):

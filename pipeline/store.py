@@ -6,28 +6,39 @@ Layout (see docs/design.md)::
       samples/{index,label,pred_clean,pred_perturbed,success,norm}   (N,)
       layers/<name>/{clean,perturbed}   (N, D)  chunks of >= 1 MB rows, one shard per write batch
       progress/batches   (B,) bool      one chunk per batch, set after all the batch's rows
+      progress/batches/manifest/<b>.json  size and CRC-32 of each of batch b's files
       embeddings/<name>/<key>   (2N, 2) float32
 
 Every batch writes whole, disjoint shards from a single writer thread, so no two writes ever
 touch one shard; a killed run leaves at most one unflagged batch, which a resumed writer deletes
 and writes again. Chunks carry a CRC32C checksum so that damage is detected, not read as data.
+A shard file that is empty, cut short or missing would read back as fill-value zeros, so each
+batch's manifest (written, with fsync, just before its progress flag) records every file's size
+and checksum: sizes are checked before any read, checksums by :meth:`ActivationStore.check`,
+and a resumed run writes again every batch whose files do not match (:meth:`repair`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import shutil
 import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from advlens._io import fsync_dir, write_json
 from advlens.errors import StoreError, closest
 
-STORE_FORMAT = 1
+log = logging.getLogger(__name__)
+STORE_FORMAT = 2  # 2: per-batch manifest of file sizes and checksums
+MANIFEST = "progress/batches/manifest"  # inside an array folder: Zarr never lists it
 MIN_CHUNK_BYTES = 1 << 20
 CLEVEL = 1
 WHICH = ("clean", "perturbed")
@@ -46,6 +57,7 @@ IDENTITY_KEYS = ("config", "model", "dataset", "attack")
 # Config parts that only affect later stages: changing them must not block a resume.
 RESUME_IGNORES = ("embed", "overlap", "schedule", "output.root", "output.name", "output.overwrite")
 _OVERWRITE_HINT = "pass --overwrite (overwrite=True) to delete it and start again"
+_RECOMPUTE_HINT = "rerun `advlens run` with the same settings: it writes the damaged batch again"
 
 
 def chunk_rows(batch_size: int, row_bytes: int, min_bytes: int = MIN_CHUNK_BYTES) -> int:
@@ -109,6 +121,7 @@ class ActivationStore:
             raise StoreError(f"{self.path} was never finished being created; {_OVERWRITE_HINT}")
         self._group = zarr.open_group(str(self.path), mode=mode)
         self._cache: dict[str, Any] = {}
+        self._manifests: dict[int, dict[str, Any]] = {}
         self.attrs: dict[str, Any] = attrs
         self.n = int(attrs["n"])
         self.batch_size = int(attrs["batch_size"])
@@ -145,8 +158,9 @@ class ActivationStore:
         """Create a store sized for ``n`` samples, or reopen one with the same settings.
 
         An existing store is reopened for resume when its config and identity attrs, ``n``,
-        ``batch_size``, ``dtype`` and layers match; otherwise :class:`StoreError` lists what
-        differs. ``overwrite=True`` deletes it first.
+        ``batch_size``, ``dtype`` and layers match, and its damaged batches unflagged
+        (:meth:`repair`); otherwise :class:`StoreError` lists what differs. ``overwrite=True``
+        deletes it first.
         """
         path = Path(path)
         if n < 1 or batch_size < 1:
@@ -169,6 +183,7 @@ class ActivationStore:
                 store._check_resume(
                     n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs
                 )
+                store.repair()
                 return store
         _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs)
         return cls(path, mode="r+")
@@ -223,6 +238,86 @@ class ActivationStore:
 
     def is_complete(self) -> bool:
         return bool(self.completed_batches().all())
+
+    # ----------------------------------------------------------------------------- integrity
+    def batch_files(self, batch: int) -> dict[str, Path]:
+        """The file of every array that holds rows of ``batch`` (one shard or chunk each)."""
+        names = [f"samples/{f}" for f in SAMPLE_FIELDS]
+        names += [f"layers/{layer}/{w}" for layer in self.layers for w in WHICH]
+        return {n: self.path / _chunk_key(n, batch, 1 if n.startswith("samples/") else 2)
+                for n in names}  # fmt: skip
+
+    def check(self, *, checksums: bool = True) -> list[str]:
+        """Problems of the stored batches, one line each naming the file; [] when intact.
+
+        Every completed batch's files are compared with its manifest: presence and size
+        (cheap), and with ``checksums`` their CRC-32 (one read of the store).
+        """
+        done = self.completed_batches()
+        self._manifests.clear()  # read the manifests as they are now
+        problems = []
+        for b in np.flatnonzero(done).tolist():
+            problems += [f"batch {b}: {p}" for p in self._batch_problems(b, checksums, None)]
+        return problems
+
+    def repair(self) -> list[int]:
+        """Unflag every completed batch whose files do not match its manifest, so that the
+        writer writes it again; returns those batches. A warning names each damaged file."""
+        if self.mode == "r":
+            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to repair")
+        bad = []
+        self._manifests.clear()
+        for b in np.flatnonzero(self.completed_batches()).tolist():
+            problems = self._batch_problems(b, True, None)
+            if problems:
+                log.warning(
+                    "%s: batch %d (rows %d:%d) is damaged (%s); writing it again",
+                    self.path, b, *self.batch_rows(b), "; ".join(problems[:3]),
+                )  # fmt: skip
+                bad.append(b)
+        if bad:
+            import zarr
+
+            group = zarr.open_group(str(self.path), mode="r+")
+            progress = group["progress/batches"]
+            for b in bad:
+                progress[b] = False
+                (self.path / MANIFEST / f"{b}.json").unlink(missing_ok=True)
+            group.update_attributes({"status": "writing"})
+            self.attrs["status"] = "writing"
+            self._manifests.clear()
+        return bad
+
+    def _manifest(self, batch: int) -> dict[str, Any] | None:
+        if batch not in self._manifests:
+            path = self.path / MANIFEST / f"{batch}.json"
+            try:
+                files = json.loads(path.read_text())["files"]
+                assert isinstance(files, dict)
+            except (OSError, ValueError, KeyError, TypeError, AssertionError):
+                return None
+            self._manifests[batch] = files
+        return self._manifests[batch]
+
+    def _batch_problems(self, batch: int, checksums: bool, names: list[str] | None) -> list[str]:
+        manifest = self._manifest(batch)
+        if manifest is None:
+            return [f"its manifest {MANIFEST}/{batch}.json is missing or unreadable"]
+        out = []
+        for name, path in self.batch_files(batch).items():
+            if names is not None and name not in names:
+                continue
+            want = manifest.get(name)
+            rel = path.relative_to(self.path)
+            if not isinstance(want, dict) or "size" not in want or "crc32" not in want:
+                out.append(f"{rel} is not in its manifest")
+            elif not path.is_file():
+                out.append(f"{rel} is missing")
+            elif path.stat().st_size != want["size"]:
+                out.append(f"{rel} has {path.stat().st_size} bytes, {want['size']} were written")
+            elif checksums and zlib.crc32(path.read_bytes()) != want["crc32"]:
+                out.append(f"{rel} does not match its checksum")
+        return out
 
     def writer(self, max_queue: int = 4) -> StoreWriter:
         """Context manager taking batches through a bounded queue to one writer thread."""
@@ -371,7 +466,8 @@ class ActivationStore:
         return [self.batch_rows(b) for b in range(self.n_batches)]
 
     def _check_chunks(self, name: str) -> None:
-        """Refuse an incomplete store, and name a chunk file that has gone missing."""
+        """Refuse an incomplete store, and any file of ``name`` that is missing or whose size
+        differs from its manifest (a cut-short shard would otherwise read as zeros)."""
         done = self.completed_batches()
         if not done.all():
             raise StoreError(
@@ -379,12 +475,12 @@ class ActivationStore:
                 "written): rerun `advlens run` with the same settings to finish it"
             )
         for b in range(self.n_batches):
-            key = _chunk_key(name, b, self._node(name).ndim)
-            if not (self.path / key).is_file():
+            problems = self._batch_problems(b, False, [name])
+            if problems:
                 r0, r1 = self.batch_rows(b)
                 raise StoreError(
-                    f"array {name} in {self.path} is missing chunk {key} (rows {r0}:{r1}); "
-                    f"the store is damaged: {_OVERWRITE_HINT}"
+                    f"array {name} in {self.path} is damaged at rows {r0}:{r1} (batch {b}): "
+                    f"{problems[0]}; {_RECOMPUTE_HINT}"
                 )
 
     def _read(self, name: str, rows: slice) -> np.ndarray:
@@ -396,7 +492,7 @@ class ActivationStore:
             raise StoreError(
                 f"array {name} in {self.path} cannot be read at rows "
                 f"{rows.start or 0}:{self.n if rows.stop is None else rows.stop} "
-                f"({type(exc).__name__}: {exc}); the store is damaged: {_OVERWRITE_HINT}"
+                f"({type(exc).__name__}: {exc}); the store is damaged: {_RECOMPUTE_HINT}"
             ) from exc
 
     def __repr__(self) -> str:
@@ -410,6 +506,15 @@ class ActivationStore:
 def _chunk_key(name: str, batch: int, ndim: int) -> str:
     # Chunk key encoding is fixed at creation ("default", "/"): c/<row block>[/0].
     return f"{name}/c/{batch}" + "/0" * (ndim - 1)
+
+
+def _fsync_file(path: Path) -> bytes:
+    """Read ``path``, flush it and its folder entry to disk; return its bytes."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+        os.fsync(fh.fileno())
+    fsync_dir(path.parent)
+    return data
 
 
 def _root_attrs(path: Path) -> dict[str, Any]:
@@ -508,7 +613,7 @@ class _BlockSource:
         except Exception as exc:
             raise StoreError(
                 f"array {self.name} in {self.path} cannot be read at {key} "
-                f"({type(exc).__name__}: {exc}); the store is damaged: {_OVERWRITE_HINT}"
+                f"({type(exc).__name__}: {exc}); the store is damaged: {_RECOMPUTE_HINT}"
             ) from exc
 
 
@@ -565,6 +670,7 @@ class StoreWriter:
                             tmp.unlink(missing_ok=True)
                 except OSError as exc:
                     raise StoreError(f"cannot clear batch {b} of array {name}: {exc}") from exc
+            (self.store.path / MANIFEST / f"{int(b)}.json").unlink(missing_ok=True)
         return done
 
     def put(
@@ -635,11 +741,21 @@ class StoreWriter:
                 r0, r1 = self.store.batch_rows(batch)
                 for name, value in item.items():
                     self._arrays[name][r0:r1] = value
+                self._write_manifest(batch)
                 self._progress[batch] = True  # only now is the batch complete
+                _fsync_file(self.store.path / _chunk_key("progress/batches", batch, 1))
                 self.written += 1
             except BaseException as exc:
                 self._error = exc
                 self._abort.set()
+
+    def _write_manifest(self, batch: int) -> None:
+        """Flush the batch's files to disk and record their sizes and checksums."""
+        files = {}
+        for name, path in self.store.batch_files(batch).items():
+            data = _fsync_file(path)
+            files[name] = {"size": len(data), "crc32": zlib.crc32(data)}
+        write_json(self.store.path / MANIFEST / f"{batch}.json", {"batch": batch, "files": files})
 
     def _raise_if_failed(self) -> None:
         exc = self._error

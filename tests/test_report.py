@@ -77,7 +77,7 @@ def make_run(
     for norm, (li, layer), engine, seed in product(norms, enumerate(layers), engines, seeds):
         task_id = f"apgd-ce-{norm}-{li:03d}-{engine}-s{seed}-p30"
         row = {
-            "attack": "apgd-ce", "norm": norm, "eps": 1.5 if norm == "l2" else 0.1,
+            "task_id": task_id, "attack": "apgd-ce", "norm": norm, "eps": 1.5 if norm == "l2" else 0.1,
             "layer": layer, "layer_index": li, "engine": engine, "seed": seed,
             "perplexity": 30.0, "k": 10, "n": n, "success_rate": 0.9,
         }  # fmt: skip

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 import advlens
 from advlens.errors import StoreError
-from advlens.store import MIN_CHUNK_BYTES, SAMPLE_FIELDS, ActivationStore, chunk_rows
+from advlens.store import (
+    MIN_CHUNK_BYTES,
+    SAMPLE_FIELDS,
+    STORE_FORMAT,
+    ActivationStore,
+    chunk_rows,
+)
 
 CONFIG = {"data": {"n": 50, "seed": 0}, "attack": {"n_iter": 100, "eps": 0.1}, "embed": {"p": 30}}
 
@@ -112,7 +118,7 @@ def test_layout_geometry_and_attrs(tmp_path):
         assert arr.shape == (300,) and arr.dtype == np.dtype(dtype) and arr.chunks == (128,)
     assert group["progress/batches"].shape == (3,)
     attrs = store.attrs
-    assert attrs["advlens_version"] == advlens.__version__ and attrs["store_format"] == 1
+    assert attrs["advlens_version"] == advlens.__version__ and attrs["store_format"] == STORE_FORMAT
     assert attrs["config"] == CONFIG and attrs["model"] == "tiny"
     assert attrs["dataset"] == "synthetic" and attrs["status"] == "writing"
     assert attrs["layers"] == ["input", "wide"]  # tap order, not alphabetical
@@ -350,7 +356,7 @@ def test_incompatible_format_version_is_refused(tmp_path):
     store, samples, acts = _make(tmp_path, n=20, batch_size=10)
     _fill(store, samples, acts)
     zarr.open_group(str(store.path), mode="r+").update_attributes({"store_format": 0})
-    with pytest.raises(StoreError, match="store format 0 .* reads format 1"):
+    with pytest.raises(StoreError, match=f"store format 0 .* reads format {STORE_FORMAT}"):
         ActivationStore.open(store.path)
     with pytest.raises(StoreError, match="store format 0"):
         ActivationStore.create(
@@ -384,7 +390,7 @@ def test_missing_chunk_names_the_array(tmp_path):
         lambda: ro.dask_layer("conv1", "perturbed"),
     ):
         with pytest.raises(
-            StoreError, match=r"layers/conv1/perturbed .* missing chunk .*rows 32:48"
+            StoreError, match=r"layers/conv1/perturbed .* rows 32:48 .*c/2/0 is missing"
         ):
             read()
     (store.path / "samples/label/c/1").unlink()
@@ -424,6 +430,54 @@ def test_truncated_chunk_names_the_array(tmp_path):
     shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(StoreError, match=r"array layers/conv1/clean .* rows 0:16"):
         store.joint("conv1")
+
+
+@pytest.mark.parametrize("cut", ["empty", "one byte", "half", "deleted"])
+@pytest.mark.parametrize("array", ["layers/conv1/clean", "samples/label"])
+def test_cut_short_or_deleted_file_is_refused_then_rewritten(tmp_path, cut, array):
+    # A 0-byte shard decodes as fill-value zeros: only the manifest's sizes catch it.
+    store, samples, acts = _make(tmp_path, n=50, batch_size=16)
+    _fill(store, samples, acts)
+    path = store.batch_files(1)[array]
+    raw = path.read_bytes()
+    if cut == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(raw[: {"empty": 0, "one byte": 1, "half": len(raw) // 2}[cut]])
+    ro = ActivationStore.open(store.path)
+    read = ro.samples if array.startswith("samples") else lambda: ro.joint("conv1")
+    with pytest.raises(StoreError, match=rf"array {array} .* rows 16:32 .*advlens run"):
+        read()
+    (problem,) = ro.check(checksums=False)
+    assert problem.startswith("batch 1: ") and path.name in problem
+    # A resumed writer redoes the batch; the store then reads back what was written.
+    again = ActivationStore.create(
+        store.path, n=50, layers={"input": 40, "conv1": 24}, batch_size=16,
+        dtype="float16", attrs=_attrs(),
+    )  # fmt: skip
+    assert again.completed_batches().tolist() == [True, False, True, True]
+    _fill(again, samples, acts, batches=[1])
+    assert path.read_bytes() == raw and again.check() == []
+    assert np.array_equal(again.samples()["label"], samples["label"])
+    assert np.array_equal(again.joint("conv1")[:50], acts["conv1"][0].astype(np.float32))
+
+
+def test_checksums_catch_a_flipped_byte_and_a_lost_manifest(tmp_path):
+    store, samples, acts = _make(tmp_path, n=50, batch_size=16)
+    _fill(store, samples, acts)
+    assert store.check() == []
+    shard = store.batch_files(2)["layers/input/perturbed"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    assert store.check(checksums=False) == []  # same size: only the checksum sees it
+    assert store.check() == ["batch 2: layers/input/perturbed/c/2/0 does not match its checksum"]
+    (store.path / "progress/batches/manifest/0.json").write_text("")
+    assert store.check()[0].startswith("batch 0: its manifest")
+    with pytest.raises(StoreError, match="rows 0:16 .*manifest"):
+        ActivationStore.open(store.path).read_layer("conv1", "clean")
+    assert sorted(store.repair()) == [0, 2]
+    assert store.completed_batches().tolist() == [False, True, False, True]
 
 
 # ----------------------------------------------------------------------------- embeddings

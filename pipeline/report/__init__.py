@@ -57,13 +57,16 @@ def write_outputs(
     dict mapping output names (``metrics.json``, ``figures/layer_curve.png``, ``report.html``,
     ...) to their paths.
     """
+    from advlens._io import atomic_write, record
     from advlens.report.html import write_report
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    names = ["metrics.json", "metrics.csv", "metrics_aggregate.csv", "provenance.json"]
+    record(run_dir, *names, "report.html")
     out = write_metrics(run_dir, rows, layers)
     prov = run_dir / "provenance.json"
-    prov.write_text(json.dumps(tables._plain(provenance), indent=1))
+    atomic_write(prov, json.dumps(tables._plain(provenance), indent=1).encode())
     out["provenance.json"] = prov
     out.update(make_figures(run_dir, rows, layers, provenance, progress=progress))
     out["report.html"] = write_report(run_dir)
@@ -81,6 +84,7 @@ def make_figures(
     """Render every figure into ``run_dir/figures``; a figure that fails is logged and
     skipped, so that a plotting problem never loses a finished run's metrics."""
     from advlens import progress as prog
+    from advlens._io import record, remove_written
     from advlens.report import figures as F
 
     run_dir, layers = Path(run_dir), list(layers)
@@ -122,15 +126,19 @@ def make_figures(
             ("per_class.png", lambda p: F.per_class_figure(_per_class(maps), p, classes=classes))
         )
     out: dict[str, Path] = {}
+    record(run_dir, *(f"figures/{name}" for name, _ in jobs))  # before writing: see advlens._io
     for name, job in prog.track(jobs, "report figures", unit="fig", enabled=progress):
         try:
             out[f"figures/{name}"] = job(fig_dir / name)
         except Exception:  # a broken figure must not lose the rest of the report
             log.exception("figure %s failed; the report is written without it", name)
-    # figures of an earlier pass (another attack, norm or layer set) must not reach the report
-    for p in fig_dir.glob("*.png") if fig_dir.is_dir() else []:
-        if f"figures/{p.name}" not in out and p.name.startswith(OWN_FIGURES):
-            p.unlink()
+    # Figures of an earlier pass (another attack, norm or layer set) must not reach the
+    # report; only those advlens wrote are removed, a user's own PNG stays.
+    stale = [p for p in fig_dir.glob("*.png") if f"figures/{p.name}" not in out]
+    _, left = remove_written(run_dir, stale if fig_dir.is_dir() else [])
+    left = [name for name in left if Path(name).name.startswith(OWN_FIGURES)]
+    if left:
+        log.warning("figures: left %s, which advlens did not write", ", ".join(left))
     return out
 
 
@@ -232,7 +240,16 @@ def summary(rows: Sequence[dict], run_dir: str | Path | None = None) -> str:
         )
     failed = [r for r in rows if r.get("error")]
     if failed:
-        lines.append(f"{len(failed)} task(s) failed; see the 'error' column of metrics.csv")
+        lines.append(
+            f"{len(failed)} of {len(rows)} task(s) failed (rerun the same command to retry "
+            "them; the 'error' column of metrics.csv has the messages):"
+        )
+        lines += [
+            f"  {r.get('task_id') or r.get('layer')}: {str(r['error']).splitlines()[0][:200]}"
+            for r in failed[:20]
+        ]
+        if len(failed) > 20:
+            lines.append(f"  ... and {len(failed) - 20} more")
     if not agg:
         lines.append("no layer produced a result")
     return "\n".join(lines)

@@ -24,7 +24,13 @@ import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from advlens.report.tables import aggregate, ok_rows, read_metrics
+from advlens.report.tables import (
+    aggregate,
+    ok_rows,
+    own_figures,
+    read_metrics,
+    read_provenance,
+)
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0 auto;
@@ -187,8 +193,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     rows, layers = read_metrics(run_dir)
-    prov_path = run_dir / "provenance.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    prov = read_provenance(run_dir)
     agg = aggregate(rows, layers)
     figs = run_dir / "figures"
 
@@ -227,10 +232,10 @@ def write_report(run_dir: str | Path) -> Path:
         '<span class="sw" style="background:#2ca02c"></span> clean, not overlapping '
         '<span class="sw" style="background:#d62728"></span> perturbed, not overlapping</p>'
     )
-    for p in sorted(figs.glob("maps-*.png")):
+    for p in own_figures(run_dir, "maps-*.png"):
         parts.append(_figure(p, f"Joint t-SNE maps, {p.stem[5:]}: every layer"))
     parts.append("<h2>Maps coloured by true label (paper Fig. 4)</h2>")
-    grids = sorted(figs.glob("labels-*.png"))
+    grids = own_figures(run_dir, "labels-*.png")
     singles = [p for p in grids if not _is_grid(p, grids)]
     parts.append('<div class="row">')
     parts += [_figure(p, f"Last layer by true label, {p.stem[7:]}") for p in singles]
@@ -281,8 +286,7 @@ def main(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     rows, layers = read_metrics(run_dir)
-    prov_path = run_dir / "provenance.json"
-    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    prov = read_provenance(run_dir)
     if not args.no_figures:
         make_figures(run_dir, rows, layers, prov, progress=not getattr(args, "quiet", False))
     out = write_report(run_dir)

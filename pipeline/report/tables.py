@@ -9,7 +9,9 @@ deviation (ddof=1) and a percentile bootstrap interval of the mean over the repe
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from advlens._io import atomic_write
 from advlens.errors import StoreError
 
+log = logging.getLogger(__name__)
 ROW_KEYS = (
     "attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k", "n",
     "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "artefact_flag", "auc",
@@ -29,6 +33,18 @@ METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc")
 GROUP_KEYS = ("attack", "norm", "layer")
 REPEAT_KEYS = ("engine", "seed", "perplexity")
 PLURAL = {"engine": "engines", "seed": "seeds", "perplexity": "perplexities"}
+# A finished task's row: key -> accepted types (None where a value may be missing).
+ROW_SCHEMA: dict[str, tuple[type, ...]] = {
+    "task_id": (str,), "attack": (str,), "norm": (str,), "layer": (str,), "engine": (str,),
+    "layer_index": (int,), "seed": (int,), "k": (int,), "n": (int,),
+    "eps": (int, float), "perplexity": (int, float),
+    "success_rate": (int, float), "overlap": (int, float), "mixing": (int, float),
+    "pair": (int, float), "value": (int, float),
+    "overlap_reduced": (int, float, type(None)), "auc": (int, float, type(None)),
+    "ci_low": (int, float, type(None)), "ci_high": (int, float, type(None)),
+    "k_sweep": (dict,), "per_class": (dict,),
+}  # fmt: skip
+UNIT_KEYS = ("success_rate", "overlap", "mixing", "pair", "value", "overlap_reduced", "auc")
 ARTEFACT_GAP = 0.2  # |overlap on the map - overlap on the reduced points| above this: flag
 N_BOOT = 2000
 
@@ -71,14 +87,12 @@ def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str] | None = Non
     keys = list(keys or [])
     for row in rows:
         keys += [k for k, v in row.items() if k not in keys and not isinstance(v, dict | list)]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: "" if row.get(k) is None else row.get(k) for k in keys})
-    tmp.replace(path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: "" if row.get(k) is None else row.get(k) for k in keys})
+    return atomic_write(path, buf.getvalue().encode())
 
 
 def write_metrics(
@@ -92,9 +106,7 @@ def write_metrics(
     agg = aggregate(rows, layers)
     doc = {"layers": list(layers), "rows": rows, "aggregate": agg}
     out = {"metrics.json": run_dir / "metrics.json", "metrics.csv": run_dir / "metrics.csv"}
-    tmp = out["metrics.json"].with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    tmp.replace(out["metrics.json"])
+    atomic_write(out["metrics.json"], json.dumps(doc, indent=1, allow_nan=False).encode())
     write_csv(out["metrics.csv"], rows, ROW_KEYS)
     if any(a["n_repeats"] > 1 for a in agg):
         out["metrics_aggregate.csv"] = write_csv(run_dir / "metrics_aggregate.csv", agg)
@@ -109,13 +121,114 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
             f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished run folder? "
             "Run `advlens run` first, or pass the folder holding metrics.json."
         )
+    redo = "rerun `advlens run` with the run's settings: it rebuilds it from tasks/"
     try:
         doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc}); rerun `advlens run`") from None
-    rows = doc["rows"] if isinstance(doc, dict) else doc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); {redo}") from None
+    rows = doc.get("rows") if isinstance(doc, dict) else doc
     layers = doc.get("layers") if isinstance(doc, dict) else None
+    bad = (
+        "no list of rows"
+        if not isinstance(rows, list)
+        else next(
+            (
+                f"row {i} is not a metrics row"
+                for i, r in enumerate(rows)
+                if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in GROUP_KEYS)
+            ),
+            None,
+        )
+    )
+    if bad is None and not (layers is None or isinstance(layers, list)):
+        bad = "'layers' is not a list"
+    if bad:
+        raise StoreError(f"{path} is damaged ({bad}); {redo}")
     return rows, list(layers or layer_order(rows))
+
+
+def check_row(row: Any) -> None:
+    """Raise ``ValueError`` saying what is wrong when ``row`` is not a finished task's row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    if row.get("error") is not None:
+        raise ValueError(f"it records a failed task ({str(row['error'])[:80]})")
+    missing = [k for k in ROW_SCHEMA if k not in row]
+    if missing:
+        raise ValueError(f"keys {missing} are missing")
+    for key, types in ROW_SCHEMA.items():
+        v = row[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise ValueError(f"{key} = {v!r} is not of type {'/'.join(t.__name__ for t in types)}")
+    for key in UNIT_KEYS:
+        v = row[key]
+        if v is not None and not 0.0 <= v <= 1.0:  # NaN fails too
+            raise ValueError(f"{key} = {v!r} lies outside [0, 1]")
+    if row["n"] < 1:
+        raise ValueError(f"n = {row['n']!r} must be >= 1")
+
+
+def read_task_row(path: str | Path) -> dict:
+    """A task's row (``tasks/<id>.json``), checked; :class:`StoreError` names a damaged file."""
+    path = Path(path)
+    try:
+        row = json.loads(path.read_text())
+        check_row(row)
+        if row["task_id"] != path.stem:
+            raise ValueError(f"it belongs to task {row['task_id']!r}")
+    except FileNotFoundError:
+        raise StoreError(f"task row {path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(f"task row {path} is damaged: {exc}") from None
+    return row
+
+
+def read_task_map(path: str | Path, row: dict) -> TaskMap:
+    """The map (``tasks/<id>.npz``) of ``row``, checked; :class:`StoreError` names a damaged
+    or missing file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh, np.load(fh) as z:  # our handle: closed when np.load fails
+            return TaskMap(
+                row,
+                np.asarray(z["xy"], dtype=float),
+                np.asarray(z["is_perturbed"], dtype=bool),
+                np.asarray(z["labels"]),
+                np.asarray(z["per_point"], dtype=float),
+            )
+    except FileNotFoundError:
+        raise StoreError(f"task map {path} is missing") from None
+    except Exception as exc:  # truncated zip, missing member, wrong shapes, ...
+        raise StoreError(f"task map {path} is damaged ({type(exc).__name__}: {exc})") from None
+
+
+def read_provenance(run_dir: str | Path) -> dict:
+    """``provenance.json`` of a run; {} with a warning naming the file when missing or damaged."""
+    path = Path(run_dir) / "provenance.json"
+    try:
+        prov = json.loads(path.read_text())
+        if not isinstance(prov, dict):
+            raise ValueError(f"a JSON {type(prov).__name__}, not an object")
+        return prov
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning(
+            "%s is missing or damaged (%s): the report goes without provenance; rerun "
+            "`advlens run` with the run's settings to write it again", path, exc,
+        )  # fmt: skip
+        return {}
+
+
+def own_figures(run_dir: str | Path, pattern: str) -> list[Path]:
+    """``figures/<pattern>`` files advlens wrote (all matches in a run without a record), so
+    that a user's PNG named like an advlens figure never reaches the report."""
+    from advlens._io import WRITTEN, written
+
+    run_dir = Path(run_dir)
+    found = sorted((run_dir / "figures").glob(pattern))
+    if not (run_dir / WRITTEN).is_file():
+        return found
+    ours = written(run_dir)
+    return [p for p in found if f"figures/{p.name}" in ours]
 
 
 def layer_order(rows: Iterable[dict]) -> list[str]:
@@ -211,41 +324,43 @@ class TaskMap:
             a.shape != (n,) for a in (self.is_perturbed, self.labels, self.per_point)
         ):
             raise StoreError(f"task map for layer {self.row.get('layer')!r}: inconsistent shapes")
-
-
-def _key(row: dict) -> tuple:
-    return tuple(str(row.get(k)) for k in (*GROUP_KEYS, *REPEAT_KEYS))
+        rows = self.row.get("n")
+        if isinstance(rows, int) and (n != 2 * rows or int(self.is_perturbed.sum()) != rows):
+            raise StoreError(
+                f"task map for layer {self.row.get('layer')!r} holds {n} points, its row says "
+                f"{rows} clean + {rows} perturbed"
+            )
+        if not np.isfinite(self.xy).all():
+            raise StoreError(f"task map for layer {self.row.get('layer')!r}: non-finite points")
 
 
 def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str], list[TaskMap]]:
     """The primary repeat's map of every layer, per (attack, norm), in layer order.
 
-    The primary repeat is the first engine, seed and perplexity in table order; task files are
-    matched to rows through the row stored beside each ``tasks/<id>.npz``.
+    The primary repeat is the first engine, seed and perplexity in table order whose map
+    ``tasks/<task_id>.npz`` reads back intact. A damaged or missing map is left out with a
+    warning naming its file and what to run.
     """
-    tasks = Path(run_dir) / "tasks"
-    by_key: dict[tuple, Path] = {}
-    for js in sorted(tasks.glob("*.json")) if tasks.is_dir() else []:
-        try:
-            by_key[_key(json.loads(js.read_text()))] = js.with_suffix(".npz")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a half-written file from a killed run: its task reruns
+    run_dir = Path(run_dir)
+    tasks = run_dir / "tasks"
     out: dict[tuple[str, str], list[TaskMap]] = {}
     seen: set[tuple] = set()
     for r in clean_rows(ok_rows(rows)):
         group = tuple(str(r.get(k)) for k in GROUP_KEYS)
-        path = by_key.get(_key(r))
-        if group in seen or path is None or not path.is_file():
+        if group in seen:
             continue
+        try:
+            if not r.get("task_id"):
+                raise StoreError(f"the row of layer {r.get('layer')!r} names no task")
+            m = read_task_map(tasks / f"{r['task_id']}.npz", r)
+        except StoreError as exc:
+            log.warning(
+                "%s: the report shows no map for %s %s %s; rerun `advlens run` with the "
+                "settings of %s to recompute it", exc, r.get("attack"), r.get("norm"),
+                r.get("layer"), run_dir,
+            )  # fmt: skip
+            continue  # the next repeat of the layer, if any, stands in
         seen.add(group)
-        with np.load(path) as z:
-            m = TaskMap(
-                r,
-                np.asarray(z["xy"], dtype=float),
-                np.asarray(z["is_perturbed"], dtype=bool),
-                np.asarray(z["labels"]),
-                np.asarray(z["per_point"], dtype=float),
-            )
         out.setdefault((r["attack"], r["norm"]), []).append(m)
     return out
 
