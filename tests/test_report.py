@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from advlens import progress
+from advlens._io import record
 from advlens.errors import ConfigError, StoreError
 from advlens.report import (
     aggregate,
@@ -314,7 +315,7 @@ def test_failed_tasks_are_listed_not_aggregated(tmp_path):
     with open(out["metrics.csv"], newline="") as fh:
         errors = [r["error"] for r in csv.DictReader(fh) if r["error"]]
     assert errors == ["RuntimeError: out of memory"]
-    assert "1 task(s) failed" in summary(rows)
+    assert "1 of 6 task(s) failed" in summary(rows)
     assert "Failed tasks (1)" in out["report.html"].read_text()
 
 
@@ -491,10 +492,13 @@ def test_stale_figures_are_removed(tmp_path):
     (run / "figures").mkdir()
     stale = run / "figures" / "maps-old-attack-linf.png"
     stale.write_bytes(PNG_MAGIC)
+    record(run, stale)  # an earlier pass of advlens wrote it
     keep = run / "figures" / "my-own-plot.png"
     keep.write_bytes(PNG_MAGIC)
+    mine = run / "figures" / "maps-mine.png"  # named like an advlens figure, but the user's
+    mine.write_bytes(PNG_MAGIC)
     from advlens.report import make_figures
 
     out = make_figures(run, rows, LAYERS[:2], PROVENANCE, progress=False)
     assert "figures/maps-apgd-ce-l2.png" in out
-    assert not stale.exists() and keep.exists()
+    assert not stale.exists() and keep.exists() and mine.exists()
