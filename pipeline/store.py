@@ -233,8 +233,20 @@ class ActivationStore:
         return batch * self.batch_size, min(self.n, (batch + 1) * self.batch_size)
 
     def completed_batches(self) -> np.ndarray:
-        """Bool array (n_batches,): True where every row of the batch is stored."""
-        return np.asarray(self._read("progress/batches", slice(None)), dtype=bool)
+        """Bool array (n_batches,): True where every row of the batch is stored.
+
+        A damaged flag counts as not stored: that batch is written again.
+        """
+        try:
+            return np.asarray(self._read("progress/batches", slice(None)), dtype=bool)
+        except StoreError:
+            out = np.zeros(self.n_batches, dtype=bool)
+            for b in range(self.n_batches):
+                try:
+                    out[b] = bool(self._read("progress/batches", slice(b, b + 1))[0])
+                except StoreError:
+                    log.warning("%s: the progress flag of batch %d is damaged", self.path, b)
+            return out
 
     def is_complete(self) -> bool:
         return bool(self.completed_batches().all())

@@ -480,6 +480,21 @@ def test_checksums_catch_a_flipped_byte_and_a_lost_manifest(tmp_path):
     assert store.completed_batches().tolist() == [False, True, False, True]
 
 
+def test_damaged_progress_flag_counts_as_not_written(tmp_path, caplog):
+    store, samples, acts = _make(tmp_path, n=50, batch_size=16)
+    _fill(store, samples, acts)
+    (store.path / "progress/batches/c/1").write_bytes(b"\x00")
+    ro = ActivationStore.open(store.path)
+    assert ro.completed_batches().tolist() == [True, False, True, True]
+    assert "progress flag of batch 1 is damaged" in caplog.text
+    with pytest.raises(StoreError, match="incomplete .*advlens run"):
+        ro.joint("input")
+    _fill(ActivationStore.open(store.path, mode="r+"), samples, acts, batches=[1])
+    again = ActivationStore.open(store.path)
+    assert again.is_complete() and again.check() == []
+    assert np.array_equal(again.joint("input")[50:], acts["input"][1].astype(np.float32))
+
+
 # ----------------------------------------------------------------------------- embeddings
 def test_embeddings_round_trip(tmp_path):
     store, samples, acts = _make(tmp_path, n=20, batch_size=10)
