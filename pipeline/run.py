@@ -210,11 +210,20 @@ def _check_names(cfg: RunConfig) -> None:
 
 def _clear_tasks(run_dir: Path) -> None:
     """For ``--overwrite``: delete the task rows and maps advlens wrote, leave anything else."""
-    from advlens._io import remove_written
+    from advlens._io import WRITTEN, record, remove_written
+    from advlens.errors import StoreError
+    from advlens.report.tables import read_task_row
 
     tasks = run_dir / "tasks"
     if not tasks.is_dir():
         return
+    if not (run_dir / WRITTEN).is_file():  # a run of an advlens that kept no record
+        for js in sorted(tasks.glob("*.json")):
+            try:
+                read_task_row(js)  # a valid row names its own file: advlens wrote it
+            except StoreError:
+                continue
+            record(run_dir, js, js.with_suffix(".npz"))
     removed, left = remove_written(run_dir, sorted(p for p in tasks.rglob("*") if p.is_file()))
     log.info("overwrite: removed %d task file(s) of the earlier run", len(removed))
     if left:

@@ -222,6 +222,17 @@ def test_user_files_survive_overwrite_and_report(ref, capsys, caplog):
     assert "tasks/mine.json" in capsys.readouterr().out
 
 
+def test_overwrite_of_a_run_without_a_record_removes_only_its_task_files(ref, caplog):
+    run = ref.restore()
+    (run / ".advlens-written").unlink()  # as an advlens that kept no record left it
+    mine = run / "tasks" / "mine.json"
+    mine.write_text('{"task_id": "mine"}')
+    caplog.clear()
+    assert ref.rerun("--overwrite", "--set", "attack.n_iter=2") == 0
+    assert "removed 4 task file(s)" in caplog.text and "tasks/mine.json" in caplog.text
+    assert mine.read_text() == '{"task_id": "mine"}'
+
+
 def test_a_stale_figure_advlens_wrote_is_removed(ref):
     run = ref.restore()
     old = run / "figures" / "maps-pgd-l2.png"  # as if an earlier pass had an l2 attack
