@@ -172,3 +172,16 @@ def test_robust_model_keeps_deep_layers_overlapping():
     # measured: standard fc1 0.78, logits 0.76 (attack success 0.47); robust 0.93, 0.89 (0.24)
     for layer in ("fc1", "logits"):
         assert vals["robust"][layer] > vals["standard"][layer], (layer, vals)
+
+
+def test_robust_vs_standard_config():
+    from pathlib import Path
+
+    from advlens.config import load
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "robust-vs-standard.toml"
+    robust = load(path)
+    assert robust.model.adversarial == "pgd-linf" and robust.model.adversarial_steps == 7
+    assert robust.attack.norms == ("linf",) and robust.overlap.k == "auto"
+    standard = load(path, ["model.adversarial=none", "output.name=standard"])
+    assert standard.model.adversarial is None and standard.output.name == "standard"
