@@ -13,11 +13,12 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # takes the default (CUDA) build instead.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
 
-.PHONY: all-layers test test-all setup data browser lint bench clean help
+.PHONY: robust-vs-standard all-layers test test-all setup data browser lint bench clean help
 
 help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
 	@echo "make test         set up and run the tests (make test-all: the slow ones too)"
+	@echo "make robust-vs-standard  adversarially trained vs standard small CNN -> runs/robust-vs-standard/"
 	@echo "make lint         ruff"
 	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
 	@echo "options: CONFIG=file.toml GPUS=0,1 WORKERS=N ARGS='--set data.n=200'"
@@ -53,6 +54,14 @@ $(FMNIST):
 all-layers: setup
 	$(BIN)/advlens run --config $(CONFIG) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+
+# The robust model (Madry PGD training, cached once) and the standard one, same attack, compared.
+robust-vs-standard: setup
+	$(BIN)/advlens train --adversarial pgd-linf --eps 0.1 --steps 7
+	$(BIN)/advlens run --config configs/robust-vs-standard.toml $(ARGS)
+	$(BIN)/advlens run --config configs/robust-vs-standard.toml --set model.adversarial=none \
+	  --set output.name=standard $(ARGS)
+	$(BIN)/advlens compare runs/robust runs/standard --metric calibrated --out runs/robust-vs-standard
 
 test: setup browser
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" $(ARGS)

@@ -7,8 +7,14 @@ needs one search at the largest k). Per class and bootstrap summaries run on the
 Variants, per point (a point's k neighbours exclude itself):
 - ``overlap``: 1.0 when at least one neighbour belongs to the other set, else 0.0;
 - ``mixing``: (share of other-set neighbours) / 0.5, clipped to 1;
-- ``pair``: for clean point i, 1.0 when its twin i + N is among its neighbours; the twin carries
-  the same value, so that every variant's value is the mean of its per-point values.
+- ``pair`` (symmetric): 1.0 when the point's own twin (i <-> i + N) is among its neighbours;
+  both twins look, each from its own neighbourhood.
+
+Chance levels (:func:`chance`) are the values expected when the clean/perturbed labels of the
+same map are assigned at random (N of each; for ``pair``, a random twin): for a point with k
+neighbours among the 2N - 1 others, of which N carry the other label, the number of other-label
+neighbours is hypergeometric, so ``overlap`` and ``mixing`` have closed forms and ``pair`` is
+k / (2N - 1). :func:`calibrated` divides by it (clipped to [0, 1]; 1 = random mixing).
 """
 
 from __future__ import annotations
@@ -18,6 +24,48 @@ from typing import Any
 import numpy as np
 
 VARIANTS = ("overlap", "mixing", "pair")
+AUTO_K_PER_SAMPLE = (
+    0.01  # k = "auto": k = round(0.01 * N) = 0.5 % of the 2N points; N = 1,000 -> 10
+)
+
+
+def auto_k(n: int) -> int:
+    """The ``overlap.k = "auto"`` rule: k proportional to the sample, ``max(1, round(N / 100))``
+    (half up), so that N = 1,000 samples (2,000 points) give the paper-like k = 10.
+
+    A fixed share of the points keeps the neighbourhood's reach on the map constant as N grows,
+    which a fixed k does not (docs/design.md, "The overlap metric").
+    """
+    if n < 1:
+        raise ValueError(f"auto_k needs at least one sample, got N = {n}")
+    return max(1, min(int(AUTO_K_PER_SAMPLE * n + 0.5), 2 * n - 1))
+
+
+def chance(variant: str, n: int, k: int, n_perturbed: int | None = None) -> float:
+    """Expected value of ``variant`` with k neighbours when the clean/perturbed labels of the map
+    are random: ``n`` clean and ``n_perturbed`` (default ``n``) perturbed points (analytic,
+    hypergeometric; ``pair``: k / (2N - 1), the chance that a random other point is among k)."""
+    m = n if n_perturbed is None else n_perturbed
+    total = n + m
+    if variant == "pair":
+        return k / (total - 1)
+    if variant not in ("overlap", "mixing"):
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    from scipy.stats import hypergeom
+
+    h = np.arange(k + 1)
+    out = 0.0
+    for own, other in ((n, m), (m, n)):  # a clean point, then a perturbed one
+        # other-label neighbours among k drawn from the total - 1 other points
+        pmf = hypergeom(total - 1, other, k).pmf(h)
+        v = 1.0 - pmf[0] if variant == "overlap" else np.sum(pmf * np.minimum(2.0 * h / k, 1.0))
+        out += own / total * float(v)
+    return out
+
+
+def calibrated(value: float, chance_level: float) -> float:
+    """``value / chance_level`` clipped to [0, 1]: 1 = as mixed as random labels, 0 = separated."""
+    return float(min(1.0, max(0.0, value / chance_level))) if chance_level > 0 else float("nan")
 
 
 def other_set(idx: Any, is_perturbed: Any, xp: Any = np) -> Any:
@@ -37,9 +85,8 @@ def per_point(variant: str, idx: Any, other: Any, k: int, xp: Any = np) -> Any:
         return xp.minimum(share / 0.5, 1.0)
     if variant == "pair":
         n = idx.shape[0] // 2
-        twin = xp.arange(n, 2 * n)[:, None]
-        hit = (idx[:n, :k] == twin).any(axis=1).astype(xp.float64)
-        return xp.concatenate([hit, hit])
+        twin = (xp.arange(2 * n) + n) % (2 * n)  # i <-> i + N
+        return (idx[:, :k] == twin[:, None]).any(axis=1).astype(xp.float64)
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,8 +107,14 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         return done
 
     from advlens.embed import TSNEParams, embed
-    from advlens.kernels.metrics import bootstrap_ci
-    from advlens.overlap import detector_auc, overlap_highdim, overlap_sweep
+    from advlens.kernels.metrics import VARIANTS
+    from advlens.overlap import (
+        detector_auc,
+        overlap_highdim,
+        overlap_sweep,
+        resolve_k,
+        subsample_interval,
+    )
     from advlens.reduce import reduce
     from advlens.store import ActivationStore
 
@@ -126,32 +133,53 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     t2 = time.perf_counter()
 
     ov = task.overlap
-    ks = tuple(sorted(set(ov.k_sweep) | {ov.k}))
-    ks = tuple(k for k in ks if k < 2 * n)
+    k = resolve_k(ov.k, n)
+    ks = tuple(sorted(set(ov.k_sweep) | {k}))
+    ks = tuple(q for q in ks if q < 2 * n)
     # One neighbour search serves every variant and k; the interval only for the reported one.
     sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
-    main = sweep[(ov.variant, ov.k)]
-    ci = bootstrap_ci(main.per_point, ov.bootstrap, task.seed) if ov.bootstrap else None
-    base = sweep[("overlap", ov.k)]
-    reduced = overlap_highdim(x, is_perturbed, k=ov.k).value
-    # The detector trains on half the samples; tiny runs need a smaller k than the map.
-    auc = detector_auc(x, is_perturbed, k=min(ov.k, max(1, 2 * (n // 2) - 1)), seed=task.seed)
+    main = sweep[(ov.variant, k)]
+    ci = cal_ci = None
+    if ov.bootstrap and n >= 4:
+        both = subsample_interval(emb.xy, k=k, variant=ov.variant, draws=ov.bootstrap,
+                                  seed=task.seed, device="cpu")  # fmt: skip
+        ci, cal_ci = both["value"], both["calibrated"]
+    base = sweep[("overlap", k)]
+    reduced = overlap_highdim(x, is_perturbed, k=k)
+    # The detector trains on 4/5 of the samples; tiny runs need a smaller k than the map.
+    folds = min(5, n)
+    smallest_train = 2 * (n - math.ceil(n / folds))
+    auc = detector_auc(x, is_perturbed, k=min(k, smallest_train), seed=ov.detector_seed,
+                       folds=folds)  # fmt: skip
     t3 = time.perf_counter()
 
     row = task.identity() | {
+        "k": k,
+        "k_setting": ov.k,
         "n": n,
         "success_rate": float(np.mean(samples["success"])),
-        "overlap": sweep[("overlap", ov.k)].value,
-        "mixing": sweep[("mixing", ov.k)].value,
-        "pair": sweep[("pair", ov.k)].value,
+        "overlap": sweep[("overlap", k)].value,
+        "mixing": sweep[("mixing", k)].value,
+        "pair": sweep[("pair", k)].value,
+        **{f"{v}_chance": sweep[(v, k)].chance for v in VARIANTS},
+        **{f"{v}_calibrated": sweep[(v, k)].calibrated for v in VARIANTS},
         "value": main.value,
+        "calibrated": main.calibrated,
+        "chance": main.chance,
         "variant": ov.variant,
+        # intervals of the value and the calibrated value: half-samples of the images
+        # (overlap.subsample_interval)
         "ci_low": ci[0] if ci else None,
         "ci_high": ci[1] if ci else None,
-        "overlap_reduced": reduced,
-        "artefact_flag": bool(abs(reduced - base.value) > ARTEFACT_GAP),
+        "calibrated_ci_low": cal_ci[0] if cal_ci else None,
+        "calibrated_ci_high": cal_ci[1] if cal_ci else None,
+        "ci_kind": "half-sample subsampling of images, neighbours recomputed" if ci else None,
+        "overlap_reduced": reduced.value,
+        "overlap_reduced_calibrated": reduced.calibrated,
+        "artefact_gap": base.calibrated - reduced.calibrated,
+        "artefact_flag": bool(abs(base.calibrated - reduced.calibrated) > ARTEFACT_GAP),
         "auc": auc,
-        "k_sweep": {f"{v}@{k}": o.value for (v, k), o in sweep.items()},
+        "k_sweep": {f"{v}@{q}": o.value for (v, q), o in sweep.items()},
         "per_class": {str(c): v for c, v in base.per_class.items()},
         "seconds_reduce": t1 - t0,
         "seconds_embed": t2 - t1,

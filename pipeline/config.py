@@ -52,6 +52,17 @@ class ModelConfig:
     train_epochs: int = 4
     train_seed: int = 0
     mean: str | None = None  # denser: per-pixel training mean (.npy, (H, W, C)); "none" disables
+    adversarial: str | None = None  # small-cnn: "pgd-linf" trains it adversarially (Madry)
+    adversarial_eps: float = 0.1
+    adversarial_steps: int = 7
+
+    def __post_init__(self) -> None:
+        if self.adversarial in ("none", ""):  # --set model.adversarial=none: the standard model
+            object.__setattr__(self, "adversarial", None)
+        if self.adversarial is not None:  # checked here, before any data or model is touched
+            from advlens.train import AdvRecipe
+
+            AdvRecipe(self.adversarial, self.adversarial_eps, self.adversarial_steps)
 
 
 @dataclass(frozen=True)
@@ -150,16 +161,25 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class OverlapConfig:
-    """The overlap metric (see docs/design.md): variant and k, plus a k-sweep."""
+    """The overlap metric (see docs/design.md): variant and k, plus a k-sweep.
 
-    k: int = 10
+    ``k = "auto"`` scales k with the sample (N / 100: N = 1,000 gives 10); an integer fixes it.
+    ``bootstrap``: half-sample draws of the images for the interval (0: none).
+    """
+
+    k: int | str = "auto"
     variant: str = "overlap"
     k_sweep: tuple[int, ...] = (5, 10, 20, 50)
     bootstrap: int = 200
+    detector_seed: int = 0  # the detector's folds: its own seed, not the map's
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"overlap.k = {self.k}: must be at least 1")
+        if isinstance(self.k, str) and self.k != "auto":
+            raise ConfigError(
+                f'overlap.k = {self.k!r}: give an integer >= 1, or "auto" (k = N / 100)'
+            )
+        if not isinstance(self.k, str) and self.k < 1:
+            raise ConfigError(f'overlap.k = {self.k}: must be at least 1 (or "auto")')
         if self.variant not in ("overlap", "mixing", "pair"):
             raise ConfigError(
                 f"overlap.variant = {self.variant!r}: valid variants are overlap, mixing, pair"

@@ -25,9 +25,27 @@ from advlens.errors import ConfigError, DataError, closest
 from advlens.kernels import knn, knn2d
 from advlens.kernels._arrays import check_k, check_points, is_cupy, is_torch, to_numpy
 from advlens.kernels.knn import place
-from advlens.kernels.metrics import VARIANTS, bootstrap_ci, other_set, per_class, per_point
+from advlens.kernels.metrics import (
+    VARIANTS,
+    auto_k,
+    bootstrap_ci,
+    calibrated,
+    chance,
+    other_set,
+    per_class,
+    per_point,
+)
 
-__all__ = ["Overlap", "detector_auc", "overlap", "overlap_highdim", "overlap_sweep"]
+__all__ = [
+    "Overlap",
+    "detector_auc",
+    "detector_folds",
+    "overlap",
+    "overlap_highdim",
+    "overlap_sweep",
+    "resolve_k",
+    "subsample_interval",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +54,9 @@ class Overlap:
 
     ``value`` in [0, 1]; ``per_point`` (2N,) values in [0, 1] whose mean is ``value`` (for
     ``overlap``: 1.0 where the point overlaps, else 0.0); ``per_class``: mean per true label
-    ({} without labels); ``ci``: bootstrap percentile interval or None.
+    ({} without labels); ``ci``: bootstrap percentile interval or None; ``chance``: the value
+    expected under random clean/perturbed labels of the same points; ``calibrated``:
+    ``value / chance`` clipped to [0, 1] (1 = as mixed as random labels, 0 = separated).
     """
 
     value: float
@@ -45,6 +65,8 @@ class Overlap:
     k: int
     variant: str
     ci: tuple[float, float] | None = None
+    chance: float = float("nan")
+    calibrated: float = float("nan")
 
     def __post_init__(self) -> None:
         pp = self.per_point
@@ -68,7 +90,7 @@ def overlap(
     xy: Any,
     is_perturbed: Any,
     *,
-    k: int = 10,
+    k: int | str = 10,
     variant: str = "overlap",
     labels: Any = None,
     bootstrap: int = 0,
@@ -81,13 +103,14 @@ def overlap(
     ----------
     xy : (n, 2) points (numpy, cupy or torch), clean and perturbed together.
     is_perturbed : (n,) bool (or 0/1).
-    k : neighbours per point, ``1 <= k <= n - 1``.
+    k : neighbours per point, ``1 <= k <= n - 1``, or "auto" (:func:`resolve_k`).
     variant : "overlap", "mixing" or "pair" ("pair" needs the sample-order convention).
     labels : true label per point (n,) or per sample (n/2,); gives ``per_class``.
     bootstrap : resamples for a 95% interval (samples drawn with their twins; 0: none).
     seed : seed of the bootstrap.
     device : "auto", "cpu" or "cuda" (where host inputs are searched).
     """
+    k = resolve_k(k, int(np.shape(xy)[0]) // 2)
     out = overlap_sweep(
         xy, is_perturbed, ks=(k,), variants=(variant,), labels=labels,
         bootstrap=bootstrap, seed=seed, device=device,
@@ -119,7 +142,7 @@ def overlap_highdim(
     x: Any,
     is_perturbed: Any,
     *,
-    k: int = 10,
+    k: int | str = 10,
     variant: str = "overlap",
     labels: Any = None,
     device: str = "auto",
@@ -129,16 +152,21 @@ def overlap_highdim(
     Compared with the map's value it flags t-SNE artefacts. Arguments as in :func:`overlap`.
     """
     pts = _points(x, None)
+    k = resolve_k(k, int(pts.shape[0]) // 2)
     out = _score(pts, is_perturbed, (k,), (variant,), labels, 0, 0, device, knn, "knn")
     return out[(variant, k)]
 
 
-def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0) -> float:
-    """ROC AUC of a k-nearest-neighbour detector of perturbed points.
+def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0, folds: int = 5) -> float:
+    """Cross-validated ROC AUC of a k-nearest-neighbour detector of perturbed points.
 
-    The N samples are split in two halves (seeded; a clean point and its twin stay in the same
-    half); a ``KNeighborsClassifier(k)`` fitted on one half scores the other. 0.5: clean and
-    perturbed points are indistinguishable to it; 1: perfectly separable.
+    ``folds``-fold cross-validation grouped by sample (:func:`detector_folds`: a clean point and
+    its twin always fall in the same fold, so the detector never sees the twin of a point it
+    scores); a ``KNeighborsClassifier(k)`` fitted on the other folds scores each fold, and the
+    value is the mean of the fold AUCs. ``seed`` shuffles the folds (its own seed, not the
+    map's). 0.5: indistinguishable to it; 1: perfectly separable. The points are used as given:
+    the layer task's PCA is label-blind (fitted on clean and perturbed points without their
+    flags), so fitting it on all folds leaks no label (docs/design.md, "The overlap metric").
     """
     from sklearn.metrics import roc_auc_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -149,19 +177,89 @@ def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0) -> fl
     flags = _flags(is_perturbed, pts.shape[0])
     _require_pairs(flags, "detector_auc")
     n = pts.shape[0] // 2
-    if n < 4:
-        raise DataError(f"detector_auc needs at least 4 samples (8 points), got {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    train, test = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
-    train, test = np.concatenate([train, train + n]), np.concatenate([test, test + n])
-    if not 1 <= k <= train.size:
-        raise ConfigError(
-            f"k = {k}: the detector trains on {train.size} points (half the samples with their "
-            f"twins); use 1 <= k <= {train.size}"
-        )
-    model = KNeighborsClassifier(n_neighbors=k).fit(pts[train], flags[train])
-    score = model.predict_proba(pts[test])[:, list(model.classes_).index(True)]
-    return float(roc_auc_score(flags[test], score))
+    if not 2 <= folds <= n:
+        raise ConfigError(f"folds = {folds}: use 2 <= folds <= N = {n} samples")
+    aucs = []
+    for train, test in detector_folds(n, folds, seed):
+        if not 1 <= k <= train.size:
+            raise ConfigError(
+                f"k = {k}: the detector trains on {train.size} points ({folds - 1} of {folds} "
+                f"folds with their twins); use 1 <= k <= {train.size}"
+            )
+        model = KNeighborsClassifier(n_neighbors=k).fit(pts[train], flags[train])
+        score = model.predict_proba(pts[test])[:, list(model.classes_).index(True)]
+        aucs.append(roc_auc_score(flags[test], score))
+    return float(np.mean(aucs))
+
+
+def detector_folds(n: int, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) point indices of ``folds`` folds over 2N points, grouped by sample (point i
+    and its twin i + N share group i; scikit-learn's ``GroupKFold``, shuffled by ``seed``)."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = np.tile(np.arange(n), 2)
+    cv = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(cv.split(np.zeros((2 * n, 1)), groups=groups))
+
+
+def resolve_k(k: int | str, n: int) -> int:
+    """The k of ``overlap.k`` for N samples: an integer as given, "auto" by
+    :func:`advlens.kernels.metrics.auto_k` (N / 100, so N = 1,000 gives 10)."""
+    if k == "auto":
+        return auto_k(n)
+    if isinstance(k, str):
+        raise ConfigError(f"k = {k!r}: give an integer >= 1 or 'auto'")
+    return k
+
+
+def subsample_interval(
+    xy: Any,
+    *,
+    k: int,
+    variant: str = "overlap",
+    draws: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    device: str = "auto",
+) -> dict[str, tuple[float, float]]:
+    """Intervals of the raw (``"value"``) and the calibrated (``"calibrated"``) value over
+    half-samples of the images, neighbours recomputed (of value / chance, unclipped: the raw
+    value of a subset is scored at a smaller k, so only the ratio is comparable; the raw
+    interval is that of the ratio times the full sample's chance level).
+
+    Each draw takes m = N/2 samples without replacement (each with its twin), searches the
+    neighbours among those points of the same map again, with k scaled to the subset
+    (``max(1, round(k m / N))``, the auto rule's proportion) and scores them. For a mean-like
+    statistic the draws spread around their mean with Var(v_m) = (1/m - 1/N) s^2 = Var(v_N) at
+    m = N/2, so the interval is ``v_N - quantiles(v_m - mean(v_m))`` (half-sampling); centred on
+    the draws' own mean, so that a subset scored at its smaller k (whose value may sit apart
+    from the full sample's) does not shift it. It covers which images were attacked; t-SNE's own
+    variability comes from repeat seeds (docs/design.md).
+    """
+    pts = to_numpy(_points(xy, 2)).astype(np.float64, copy=False)
+    n = pts.shape[0] // 2
+    m = n // 2
+    if m < 2 or draws < 1:
+        raise ConfigError(f"subsample_interval needs N >= 4 samples and draws >= 1 (N = {n})")
+    full = overlap_sweep(pts, np.repeat([False, True], n), ks=(k,), variants=(variant,),
+                         device=device)[(variant, k)]  # fmt: skip
+    km = max(1, min(int(k * m / n + 0.5), 2 * m - 1))
+    rng = np.random.default_rng(seed)
+    vals = np.empty(draws)
+    sub_flags = np.repeat([False, True], m)
+    for d in range(draws):
+        pick = np.sort(rng.choice(n, m, replace=False))
+        sub = pts[np.concatenate([pick, pick + n])]
+        o = overlap_sweep(sub, sub_flags, ks=(km,), variants=(variant,), device=device)
+        vals[d] = o[(variant, km)].value / o[(variant, km)].chance
+    tail = (1.0 - level) / 2.0
+    ratio = full.value / full.chance
+    q_lo, q_hi = np.quantile(vals - vals.mean(), [tail, 1.0 - tail])
+    lo, hi = ratio - q_hi, ratio - q_lo
+    return {
+        "value": (float(np.clip(lo * full.chance, 0, 1)), float(np.clip(hi * full.chance, 0, 1))),
+        "calibrated": (float(np.clip(lo, 0, 1)), float(np.clip(hi, 0, 1))),
+    }
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -261,5 +359,7 @@ def _score(arr, is_perturbed, ks, variants, labels, bootstrap, seed, device, sea
         for k in ks:
             pp = to_numpy(per_point(v, idx, other, k, xp)).astype(np.float64)
             ci = bootstrap_ci(pp, bootstrap, seed) if bootstrap else None
-            out[(v, k)] = Overlap(float(pp.mean()), pp, per_class(pp, lab), k, v, ci)
+            c = chance(v, int((~flags).sum()), k, int(flags.sum()))
+            val = float(pp.mean())
+            out[(v, k)] = Overlap(val, pp, per_class(pp, lab), k, v, ci, c, calibrated(val, c))
     return out

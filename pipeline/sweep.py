@@ -1,4 +1,11 @@
-"""Run the whole layer analysis at growing sample sizes: time per stage and metric against N.
+"""Run the whole layer analysis at growing sample sizes (``--n``) or attack budgets (``--eps``).
+
+``--eps``: one run per budget (every norm of the config at that eps), in
+runs/eps-sweep-<name>/eps<E>/; eps_sweep.json and eps_sweep.md (figures beside) give, per layer,
+the calibrated overlap and the attack success rate at each eps, the robustness radius (the
+smallest eps at which the calibrated overlap falls below one half, linearly interpolated from
+eps = 0, where it is 1) and the matched-success view (the calibrated overlap at attack success
+rates 0.25, 0.5, 0.75, so that models of different robustness compare fairly).
 
 Each size is a full `advlens run` of the same configuration with data.n set to that size, in
 runs/sweep-<name>/n<N>/ (resumable like any run). The sweep writes sweep.json, sweep.md
@@ -9,6 +16,7 @@ Examples:
   advlens sweep --n 200,500,1000
   advlens sweep --n 1000,10000,100000 --config configs/default.toml --set embed.engine=auto
   advlens sweep --n 500,1000 --set attack.norms=linf --name linf-only
+  advlens sweep --eps 0.01,0.02,0.05,0.1,0.2 --set attack.norms=linf --set data.n=500
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ from typing import Any
 from advlens.errors import ConfigError
 
 ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
-            "n", "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "auc",
+            "n", "success_rate", "overlap", "calibrated", "mixing", "pair", "overlap_reduced", "auc",
             "seconds_reduce", "seconds_embed", "seconds_overlap", "error")  # fmt: skip
 NORM_COLOURS = {"l2": "#1f77b4", "linf": "#ff7f0e"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", required=True, help="sample sizes, comma list: 1000,10000,100000")
+    parser.add_argument("--n", default=None, help="sample sizes, comma list: 1000,10000,100000")
+    parser.add_argument("--eps", default=None, help="attack budgets, comma list: 0.01,0.05,0.1")
     parser.add_argument("--config", default=None, help="TOML file (default: configs/default.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for every size, e.g. --set embed.engine=auto")  # fmt: skip
@@ -38,6 +47,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if (args.n is None) == (args.eps is None):
+        raise ConfigError("advlens sweep: give one of --n 500,1000 or --eps 0.01,0.05,0.1")
+    if args.eps is not None:
+        from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
+
+        res = run_eps_sweep(parse_eps(args.eps), config=args.config, overrides=args.overrides,
+                            name=args.name, progress=not getattr(args, "quiet", False))  # fmt: skip
+        print(render_eps_markdown(res))
+        print(f"wrote {Path(res['folder']) / 'eps_sweep.json'} (.md and figures beside)")
+        return 0
     sizes = parse_sizes(args.n)
     out = run_sweep(sizes, config=args.config, overrides=args.overrides, name=args.name,
                     progress=not getattr(args, "quiet", False))  # fmt: skip

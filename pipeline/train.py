@@ -9,6 +9,13 @@ Examples:
   advlens train --seed 1 --epochs 6
   advlens train --dataset synthetic --quiet
   ADVLENS_CACHE=/tmp/cache advlens train --force
+  advlens train --adversarial pgd-linf --eps 0.1 --steps 7   # Madry et al. PGD training
+
+Adversarial training (``--adversarial pgd-linf``) replaces every training batch by its PGD
+adversarial examples (Madry et al. 2018: random start in the eps ball, ``steps`` signed-gradient
+steps of 2.5 eps / steps, projection), generated with the model in eval mode; it is seeded and
+cached like the standard model, in a file whose name carries the recipe
+(``small-cnn-<dataset>-s<seed>-pgd-linf-e0.1-k7.pt``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,9 +40,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADVLENS_CACHE") or Path.home() / ".cache" / "advlens")
 
 
-def weights_path(dataset: str = "fashion-mnist", seed: int = 0) -> Path:
-    """Where the trained small CNN for ``dataset`` and ``seed`` is cached."""
-    return cache_dir() / "models" / f"small-cnn-{dataset}-s{seed}.pt"
+ADVERSARIAL = ("pgd-linf",)
+
+
+@dataclass(frozen=True)
+class AdvRecipe:
+    """Adversarial training (Madry et al.): PGD under ``method``'s norm with budget ``eps`` and
+    ``steps`` steps of ``2.5 * eps / steps`` from a uniform random start."""
+
+    method: str = "pgd-linf"
+    eps: float = 0.1
+    steps: int = 7
+
+    def __post_init__(self) -> None:
+        from advlens.errors import ConfigError
+
+        if self.method not in ADVERSARIAL:
+            raise ConfigError(
+                f"adversarial = {self.method!r}: valid methods are {', '.join(ADVERSARIAL)}"
+            )
+        if not 0 < self.eps < 1 or self.steps < 1:
+            raise ConfigError(
+                f"adversarial training eps = {self.eps}, steps = {self.steps}: use 0 < eps < 1 "
+                "(images lie in [0, 1]) and steps >= 1"
+            )
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}-e{self.eps:g}-k{self.steps}"
+
+
+def weights_path(
+    dataset: str = "fashion-mnist", seed: int = 0, recipe: AdvRecipe | None = None
+) -> Path:
+    """Where the trained small CNN for ``dataset``, ``seed`` (and adversarial ``recipe``) is
+    cached."""
+    tag = f"-{recipe.tag}" if recipe else ""
+    return cache_dir() / "models" / f"small-cnn-{dataset}-s{seed}{tag}.pt"
+
+
+def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
+    """Madry et al.'s PGD: random start, signed-gradient ascent steps, projection to the eps ball
+    and to [0, 1]. Uses (and so advances) torch's global RNG, seeded by the caller."""
+    import torch
+
+    eps, alpha = recipe.eps, 2.5 * recipe.eps / recipe.steps
+    adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(recipe.steps):
+        adv.requires_grad_(True)
+        grad = torch.autograd.grad(loss_fn(model(adv), y), adv)[0]
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
 
 
 def train_small_cnn(
@@ -47,8 +104,10 @@ def train_small_cnn(
     device: str = "cpu",
     lr: float = 2e-3,
     progress: bool = False,
+    adversarial: AdvRecipe | None = None,
 ):
-    """Train :class:`~advlens.models.small_cnn.SmallCNN` with Adam and a one-cycle schedule.
+    """Train :class:`~advlens.models.small_cnn.SmallCNN` with Adam and a one-cycle schedule;
+    on PGD adversarial examples of each batch with ``adversarial`` (:func:`pgd_linf`).
 
     Returns ``(model in eval mode, test accuracy)``; the accuracy is NaN without ``ds_test``.
     Seeded: the same data, seed and thread count give the same weights.
@@ -81,6 +140,10 @@ def train_small_cnn(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x_all[idx].to(device), y_all[idx].to(device)
+            if adversarial is not None:
+                model.eval()  # attack the model as it is, without touching its state
+                xb = pgd_linf(model, xb, yb, adversarial, loss_fn)
+                model.train()
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
@@ -140,10 +203,11 @@ def ensure_trained(
     force: bool = False,
     progress: bool = True,
     data_path: str | None = None,
+    adversarial: AdvRecipe | None = None,
 ) -> Path:
     """Path of the cached trained small CNN; trains and caches it first if missing.
 
-    A cached file trained with a different number of epochs is retrained.
+    A cached file trained with a different number of epochs (or recipe) is retrained.
     """
     from advlens.errors import ConfigError
 
@@ -151,22 +215,36 @@ def ensure_trained(
         raise ConfigError(f"advlens trains small-cnn on {', '.join(TRAINABLE)}, not {dataset!r}")
     if epochs < 1:
         raise ConfigError(f"model.train_epochs = {epochs}: must be at least 1")
-    path = weights_path(dataset, seed)
+    path = weights_path(dataset, seed, adversarial)
+    want = _recipe_meta(adversarial)
 
     def fresh() -> bool:
         meta = read_sidecar(path)
-        return path.is_file() and meta is not None and meta.get("epochs") == epochs
+        return (
+            path.is_file()
+            and meta is not None
+            and meta.get("epochs") == epochs
+            and meta.get("adversarial") == want
+        )
 
     if not force and fresh():
         return path
     with _lock(path.with_suffix(".lock")):
         if not force and fresh():  # another process finished it while we waited
             return path
-        _train_and_save(dataset, seed, epochs, path, progress, data_path)
+        _train_and_save(dataset, seed, epochs, path, progress, data_path, adversarial)
     return path
 
 
-def _train_and_save(dataset, seed, epochs, path: Path, progress: bool, data_path) -> None:
+def _recipe_meta(recipe: AdvRecipe | None) -> dict | None:
+    from dataclasses import asdict
+
+    return asdict(recipe) if recipe else None
+
+
+def _train_and_save(
+    dataset, seed, epochs, path: Path, progress: bool, data_path, adversarial=None
+) -> None:
     import torch
 
     from advlens.data import load_dataset
@@ -181,10 +259,12 @@ def _train_and_save(dataset, seed, epochs, path: Path, progress: bool, data_path
         seed,
     )
     t0 = time.perf_counter()
-    model, acc = train_small_cnn(train, test, epochs=epochs, seed=seed, progress=progress)
+    model, acc = train_small_cnn(
+        train, test, epochs=epochs, seed=seed, progress=progress, adversarial=adversarial
+    )
     seconds = time.perf_counter() - t0
     floor = MIN_ACCURACY.get(dataset)
-    if floor is not None and acc < floor:
+    if floor is not None and acc < floor and adversarial is None:
         log.warning(
             "small-cnn reached %.2f%% test accuracy, below the %.0f%% target",
             100 * acc,
@@ -199,6 +279,7 @@ def _train_and_save(dataset, seed, epochs, path: Path, progress: bool, data_path
         "seed": seed,
         "epochs": epochs,
         "test_accuracy": round(acc, 6),
+        "adversarial": _recipe_meta(adversarial),
         "seconds": round(seconds, 2),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -216,10 +297,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--force", action="store_true", help="retrain even when cached")
+    parser.add_argument("--adversarial", default=None, choices=ADVERSARIAL,
+                        help="adversarial training (Madry et al. PGD)")  # fmt: skip
+    parser.add_argument("--eps", type=float, default=0.1, help="adversarial training budget")
+    parser.add_argument("--steps", type=int, default=7, help="PGD steps per batch")
 
 
 def main(args: argparse.Namespace) -> int:
-    path = weights_path(args.dataset, args.seed)
+    recipe = AdvRecipe(args.adversarial, args.eps, args.steps) if args.adversarial else None
+    path = weights_path(args.dataset, args.seed, recipe)
     cached = path.is_file() and not args.force
     path = ensure_trained(
         args.dataset,
@@ -228,6 +314,7 @@ def main(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not getattr(args, "quiet", False),
         data_path=args.data_path,
+        adversarial=recipe,
     )
     meta = read_sidecar(path) or {}
     state = "cached" if cached and meta.get("epochs") == args.epochs else "trained"

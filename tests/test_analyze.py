@@ -14,6 +14,8 @@ import pytest
 
 from advlens.analyze import LayerTask, run_layer_task
 from advlens.config import EmbedConfig, OverlapConfig
+from advlens.kernels.metrics import auto_k, chance
+from advlens.report.tables import ARTEFACT_GAP
 from advlens.store import ActivationStore
 
 N, D = 150, 20
@@ -63,7 +65,10 @@ def rows(tmp_path_factory):
 
 def test_identical_distributions_overlap_and_chance_auc(rows):
     row = rows["same"][1]
-    assert row["overlap"] >= 0.9 and row["overlap_reduced"] >= 0.9
+    # k = "auto" is 2 at this N: the raw value sits near its chance level (0.75), the calibrated
+    # one near 1 (within its sampling noise, about 0.03 here)
+    assert row["calibrated"] >= 0.85 and row["overlap_reduced_calibrated"] >= 0.85
+    assert row["overlap"] >= 0.9 * row["overlap_chance"]
     assert abs(row["auc"] - 0.5) < 0.15
 
 
@@ -74,9 +79,10 @@ def test_far_shift_separates_completely(rows):
 
 
 def test_growing_shift_gives_decreasing_curve(rows):
-    overlap = [rows[layer][1]["overlap"] for layer in SHIFTS]
+    # calibrated: the raw value of "same" sits at its chance level (k = 2), "near" twins above it
+    overlap = [rows[layer][1]["calibrated"] for layer in SHIFTS]
     auc = [rows[layer][1]["auc"] for layer in SHIFTS]
-    assert all(a >= b for a, b in zip(overlap, overlap[1:], strict=False)), overlap
+    assert all(a >= b - 0.05 for a, b in zip(overlap, overlap[1:], strict=False)), overlap
     assert overlap[0] - overlap[-1] > 0.8
     assert auc[-1] > auc[0] + 0.4
 
@@ -86,8 +92,15 @@ def test_row_fields_in_range_and_consistent(rows):
         for key in ("overlap", "mixing", "pair", "overlap_reduced", "auc", "value"):
             assert 0.0 <= row[key] <= 1.0, (key, row[key])
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
-        assert row["k_sweep"]["overlap@10"] == row["overlap"]
-        assert row["artefact_flag"] == (abs(row["overlap"] - row["overlap_reduced"]) > 0.2)
+        assert row["calibrated_ci_low"] <= row["calibrated"] <= row["calibrated_ci_high"]
+        assert row["k"] == auto_k(N) and row["k_setting"] == "auto"
+        assert row["k_sweep"][f"overlap@{row['k']}"] == row["overlap"]
+        for v in ("overlap", "mixing", "pair"):
+            assert row[f"{v}_chance"] == pytest.approx(chance(v, N, row["k"]))
+            assert row[f"{v}_calibrated"] == pytest.approx(min(1, row[v] / row[f"{v}_chance"]))
+        gap = row["overlap_calibrated"] - row["overlap_reduced_calibrated"]
+        assert row["artefact_gap"] == pytest.approx(gap)
+        assert row["artefact_flag"] == (abs(gap) > ARTEFACT_GAP)
         assert row["n"] == N and row["error"] is None
         saved = np.load(task.map_path)
         assert saved["xy"].shape == (2 * N, 2)

@@ -12,7 +12,7 @@ def test_default_config_loads_with_paper_defaults():
     assert cfg.attack.name == "apgd-ce" and set(cfg.attack.norms) == {"l2", "linf"}
     assert cfg.attack.eps_for("linf", "fashion-mnist") == pytest.approx(0.1)
     assert cfg.attack.eps_for("l2", "fashion-mnist") == pytest.approx(1.5)
-    assert cfg.embed.perplexity == 30 and cfg.embed.n_iter == 1000 and cfg.overlap.k == 10
+    assert cfg.embed.perplexity == 30 and cfg.embed.n_iter == 1000 and cfg.overlap.k == "auto"
 
 
 def test_dataset_default_eps_when_unset():

@@ -43,9 +43,8 @@ def oracle(x: np.ndarray, is_pert: np.ndarray, k: int, variant: str) -> np.ndarr
             out[i] = 1.0 if share > 0 else 0.0
         elif variant == "mixing":
             out[i] = min(share / 0.5, 1.0)
-        else:
-            c = i % n  # a clean point and its twin both carry the clean point's value
-            out[i] = 1.0 if c + n in [j for j in idx[c] if j != c][:k] else 0.0
+        else:  # symmetric: each point looks for its own twin in its own neighbourhood
+            out[i] = 1.0 if (i + n) % (2 * n) in neigh else 0.0
     return out
 
 
@@ -127,10 +126,10 @@ def test_bootstrap_interval() -> None:
     assert a.ci == b.ci  # seeded
     lo, hi = a.ci
     assert lo <= a.value <= hi
-    # per-sample values are 0/1: the 95% interval of a mean is about 2 * 1.96 * sqrt(p(1-p)/N)
-    p = a.value
-    assert 0.1 < p < 0.9
-    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.25)
+    # the 95% interval of a mean of N per-sample values is about 2 * 1.96 * sd / sqrt(N)
+    per_sample = (a.per_point[:n] + a.per_point[n:]) / 2
+    assert 0.1 < a.value < 0.9
+    assert hi - lo == pytest.approx(2 * 1.96 * per_sample.std() / np.sqrt(n), rel=0.25)
     assert overlap(x, flags(n), k=3).ci is None
 
 
@@ -163,8 +162,8 @@ def test_detector_auc() -> None:
     shifted = np.concatenate([indep[:n], indep[n:] + 2.0])
     assert detector_auc(shifted, flags(n), k=10, seed=0) > 0.95
     assert detector_auc(shifted, flags(n), seed=3) == detector_auc(shifted, flags(n), seed=3)
-    # twins identical to their clean points: only a split that keeps each pair in one half
-    # gives every test point balanced neighbours (probability 1/2 everywhere, AUC exactly 1/2)
+    # twins identical to their clean points: only folds that keep each pair together give
+    # every test point balanced neighbours (probability 1/2 everywhere, AUC exactly 1/2)
     same = pairs(n, 0.0, seed=7, d=10, noise=0.0)
     assert detector_auc(same, flags(n), k=10, seed=1) == pytest.approx(0.5, abs=1e-12)
 
@@ -197,8 +196,8 @@ def test_bad_input_errors() -> None:
         overlap(x, flags(n), variant="mixin")
     with pytest.raises(DataError, match="labels have shape"):
         overlap(x, flags(n), labels=np.zeros(7, int))
-    with pytest.raises(ConfigError, match="detector trains on 20 points"):
-        detector_auc(pairs(n, 0.0, d=5), flags(n), k=21)
+    with pytest.raises(ConfigError, match="detector trains on 32 points"):
+        detector_auc(pairs(n, 0.0, d=5), flags(n), k=33)
     with pytest.raises(AdvlensError):
         overlap(x, flags(n), device="tpu")
     with pytest.raises(ConfigError, match="ks is empty"):

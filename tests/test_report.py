@@ -101,6 +101,7 @@ def make_run(
             artefact_flag=abs(ov - red) > 0.2, auc=min(1.0, 0.5 + 0.1 * li + 0.01 * seed),
             ci_low=max(0.0, ov - 0.05), ci_high=min(1.0, ov + 0.05), seconds_reduce=0.1,
             seconds_embed=1.0, seconds_overlap=0.01, error=None,
+            calibrated=ov, overlap_reduced_calibrated=red,  # k = 10: chance ~ 1
         )  # fmt: skip
         rows.append(row)
         (run / "tasks" / f"{task_id}.json").write_text(json.dumps(row))

@@ -51,7 +51,7 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
         load_checkpoint(model, cfg.checkpoint)
         return model
     from advlens.errors import ConfigError
-    from advlens.train import TRAINABLE, ensure_trained
+    from advlens.train import TRAINABLE, AdvRecipe, ensure_trained
 
     if dataset not in TRAINABLE:
         raise ConfigError(
@@ -60,6 +60,14 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
         )
     # Progress bar unless logging is quiet (`advlens --quiet` sets WARNING).
     progress = logging.getLogger("advlens").isEnabledFor(logging.INFO)
-    path = ensure_trained(dataset, seed=cfg.train_seed, epochs=cfg.train_epochs, progress=progress)
+    recipe = (
+        AdvRecipe(cfg.adversarial, cfg.adversarial_eps, cfg.adversarial_steps)
+        if getattr(cfg, "adversarial", None)
+        else None
+    )
+    path = ensure_trained(
+        dataset, seed=cfg.train_seed, epochs=cfg.train_epochs, progress=progress,
+        adversarial=recipe,
+    )  # fmt: skip
     load_checkpoint(model, path)
     return model

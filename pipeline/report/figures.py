@@ -6,6 +6,8 @@
   overlap green, the perturbed ones red (Figure 3).
 - :func:`label_map` / :func:`labels_grid`: maps coloured by true label (Figure 4).
 - :func:`k_sweep_figure`, :func:`per_class_figure`, :func:`artefact_figure`.
+- :func:`eps_curve_figure`, :func:`radius_figure`, :func:`matched_success_figure`: the eps
+  sweep (advlens.eps_sweep).
 
 Curves are a paper column wide (3.5 in at 300 dpi), or a page wide for many layers, with
 rotated layer names whose size and stride keep them readable for 40+ layers.
@@ -219,17 +221,22 @@ def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
 
 
 def artefact_figure(agg, layers, out) -> Path:
-    """Overlap on the 2-D map (solid) beside overlap on the reduced points (dashed);
-    crosses mark layers where the two differ by more than 0.2 (a t-SNE artefact flag)."""
+    """Calibrated overlap on the 2-D map (solid) beside that on the 50-D reduced points
+    (dashed); crosses mark layers where the two differ by more than
+    :data:`~advlens.report.tables.ARTEFACT_GAP` (a t-SNE artefact flag). Raw overlap for rows
+    written before calibration."""
+    cal = any(a.get("calibrated_mean") is not None for a in agg)
+    on_map, reduced = ("calibrated", "overlap_reduced_calibrated") if cal else (
+        "overlap", "overlap_reduced")  # fmt: skip
     series: list[Series] = []
-    for s in agg_series(agg, layers, "overlap", band=False):
-        red = next(r for r in agg_series(agg, layers, "overlap_reduced", band=False)
+    for s in agg_series(agg, layers, on_map, band=False):
+        red = next(r for r in agg_series(agg, layers, reduced, band=False)
                    if r.label == s.label)  # fmt: skip
         series += [
             Series(s.label + " map", s.color, s.y, marker=s.marker, flags=s.extra["flags"]),
             Series(s.label + " reduced", s.color, red.y, linestyle="--", marker="none"),
         ]
-    return plot_series(series, layers, out, ylabel="overlap")
+    return plot_series(series, layers, out, ylabel="calibrated overlap" if cal else "overlap")
 
 
 # ---------------------------------------------------------------- maps
@@ -433,3 +440,74 @@ def _save(fig: Figure, out: str | Path) -> Path:
     fig.savefig(tmp, format="png")
     tmp.replace(out)
     return out
+
+
+# ---------------------------------------------------------------- eps sweep
+def _by_group(layers: Sequence[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for d in layers:
+        out.setdefault(f"{d['attack']}-{d['norm']}", []).append(d)
+    return out
+
+
+def _sweep_axes(n: int, width: float = COLUMN_IN):
+    fig = Figure(figsize=(width * max(1, n), 2.6), dpi=DPI // 2, layout="constrained")
+    return fig, fig.subplots(1, max(1, n), squeeze=False)[0]
+
+
+def _layer_lines(ax, rows: Sequence[dict], x_key: str, xlabel: str) -> None:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    for i, d in enumerate(rows):
+        xs, ys = [0.0, *d[x_key]], [1.0, *d["calibrated"]]
+        ax.plot(xs, ys, "o-", ms=2, lw=0.8, color=cmap(i / max(1, len(rows) - 1)),
+                label=short(d["layer"], 14))  # fmt: skip
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel=xlabel, ylabel="calibrated overlap", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=4, ncol=2)
+
+
+def eps_curve_figure(layers: Sequence[dict], out) -> Path:
+    """Calibrated overlap against eps, one line per layer (from (0, 1)), one panel per
+    attack x norm; the dotted line is the radius threshold 1/2."""
+    with _rc():
+        groups = _by_group(layers)
+        fig, axes = _sweep_axes(len(groups))
+        for ax, (g, rows) in zip(axes, groups.items(), strict=False):
+            _layer_lines(ax, rows, "eps", "eps")
+            ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
+        return _save(fig, out)
+
+
+def matched_success_figure(layers: Sequence[dict], out) -> Path:
+    """Calibrated overlap against the attack success rate (the matched-success view)."""
+    with _rc():
+        groups = _by_group(layers)
+        fig, axes = _sweep_axes(len(groups))
+        for ax, (g, rows) in zip(axes, groups.items(), strict=False):
+            _layer_lines(ax, rows, "success_rate", "attack success rate")
+            ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
+        return _save(fig, out)
+
+
+def radius_figure(layers: Sequence[dict], out) -> Path:
+    """Robustness radius per layer (eps at which the calibrated overlap falls below 1/2), one
+    line per attack x norm; open markers at the largest eps: not reached there."""
+    with _rc():
+        groups = _by_group(layers)
+        width = max(COLUMN_IN, 0.3 * max((len(r) for r in groups.values()), default=1))
+        fig, axes = _sweep_axes(1, min(width, PAGE_IN))
+        ax = axes[0]
+        for g, rows in groups.items():
+            color = NORM_COLORS.get(rows[0]["norm"], "black")
+            top = max(max(d["eps"]) for d in rows)
+            x = np.arange(len(rows))
+            y = np.array([d["radius"] if d["radius"] is not None else np.nan for d in rows])
+            ax.plot(x, y, "o-", ms=3, lw=0.8, color=color, label=g)
+            miss = np.isnan(y)
+            ax.plot(x[miss], np.full(miss.sum(), top), "o", mfc="none", color=color, ms=3)
+            ax.set_xticks(x, [short(d["layer"], 14) for d in rows], rotation=45, ha="right")
+        ax.set(ylabel="radius (eps at calibrated overlap 1/2)")
+        ax.legend()
+        return _save(fig, out)

@@ -3,7 +3,8 @@
 A run's metrics rows (one per layer x norm x attack x engine x seed x perplexity, keys in
 :data:`ROW_KEYS`) are written as-is; where a layer ran several times (seeds, perplexities,
 engines) :func:`aggregate` gives one row per (attack, norm, layer) with the mean, the standard
-deviation (ddof=1) and a percentile bootstrap interval of the mean over the repeats.
+deviation (ddof=1) and an interval over the repeats: a percentile bootstrap of the mean with at
+least :data:`MIN_PERCENTILE_REPEATS` repeats, else the plain range ("n repeats, range").
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ROW_KEYS = (
     "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "artefact_flag", "auc",
     "ci_low", "ci_high", "seconds_reduce", "seconds_embed", "seconds_overlap", "error",
 )  # fmt: skip
-METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc")
+METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc", "calibrated",
+           "overlap_reduced_calibrated")  # fmt: skip
 GROUP_KEYS = ("attack", "norm", "layer")
 REPEAT_KEYS = ("engine", "seed", "perplexity")
 PLURAL = {"engine": "engines", "seed": "seeds", "perplexity": "perplexities"}
@@ -45,8 +47,12 @@ ROW_SCHEMA: dict[str, tuple[type, ...]] = {
     "k_sweep": (dict,), "per_class": (dict,),
 }  # fmt: skip
 UNIT_KEYS = ("success_rate", "overlap", "mixing", "pair", "value", "overlap_reduced", "auc")
-ARTEFACT_GAP = 0.2  # |overlap on the map - overlap on the reduced points| above this: flag
+# |calibrated overlap on the map - on the 50-D points| above this: flag. Measured on the default
+# model (benchmarks/metric_vs_n.py, every layer, N = 250..2,000, subset draws): the map sits
+# 0 to 0.06 below the 50-D value, standard deviation <= 0.052; 0.15 ~ worst mean + 2 sd.
+ARTEFACT_GAP = 0.15
 N_BOOT = 2000
+MIN_PERCENTILE_REPEATS = 10  # fewer repeats: a percentile interval would be [min, max] in disguise
 
 
 # ---------------------------------------------------------------- JSON/CSV I/O
@@ -253,11 +259,21 @@ def bootstrap_mean(values: np.ndarray, *, n_boot: int = N_BOOT, level: float = 0
     return float(lo), float(hi)
 
 
+def interval_kind(n_repeats: int) -> str:
+    """How :func:`aggregate` states the spread over ``n_repeats`` repeats."""
+    if n_repeats >= MIN_PERCENTILE_REPEATS:
+        return f"95% percentile bootstrap over {n_repeats} repeats"
+    return f"{n_repeats} repeat{'s' if n_repeats != 1 else ''}, range"
+
+
 def _stats(values: list[float]) -> dict[str, float | None]:
     v = np.array([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "std": None, "boot_low": None, "boot_high": None}
-    lo, hi = bootstrap_mean(v)
+    if v.size >= MIN_PERCENTILE_REPEATS:
+        lo, hi = bootstrap_mean(v)
+    else:
+        lo, hi = float(v.min()), float(v.max())
     std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
     return {"mean": float(v.mean()), "std": std, "boot_low": lo, "boot_high": hi}
 
@@ -271,8 +287,11 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
     """One row per (attack, norm, layer) over the repeats (engines, seeds, perplexities).
 
     Each metric m in :data:`METRICS` gets ``m_mean``, ``m_std`` (ddof=1; 0 for one repeat),
-    ``m_boot_low`` and ``m_boot_high`` (95% percentile bootstrap of the mean over repeats).
-    ``artefact_flag`` compares the mean overlap on the map with that on the reduced points.
+    ``m_boot_low`` and ``m_boot_high``: the 95% percentile bootstrap of the mean over repeats
+    with at least :data:`MIN_PERCENTILE_REPEATS`, else their range (``interval`` says which).
+    ``pooled`` names the repeat keys other than the seed with several values (engines,
+    perplexities): those are pooled only visibly. ``artefact_flag`` compares the mean
+    calibrated overlap on the map with that on the reduced points.
     """
     rows = ok_rows(rows)
     order = {name: i for i, name in enumerate(layers or layer_order(rows))}
@@ -298,10 +317,16 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
         }
         for key in REPEAT_KEYS:
             a[PLURAL[key]] = " ".join(sorted({str(r.get(key)) for r in rs}))
+        a["interval"] = interval_kind(len(rs))
+        a["pooled"] = " ".join(
+            PLURAL[key] for key in ("engine", "perplexity") if len({r.get(key) for r in rs}) > 1
+        )
         for m in METRICS:
             for stat, v in _stats([r.get(m) for r in rs]).items():
                 a[f"{m}_{stat}"] = v
-        om, rm = a["overlap_mean"], a["overlap_reduced_mean"]
+        om, rm = a["calibrated_mean"], a["overlap_reduced_calibrated_mean"]
+        if om is None or rm is None:  # rows written before calibration: raw values
+            om, rm = a["overlap_mean"], a["overlap_reduced_mean"]
         a["artefact_flag"] = bool(om is not None and rm is not None and abs(om - rm) > ARTEFACT_GAP)
         out.append(a)
     return sorted(out, key=_sort_key)
