@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("advlens.sweep", "run the layer analysis at growing sample sizes"),
     "compare": ("advlens.report.compare", "one curve figure and table over several runs"),
     "report": ("advlens.report.html", "(re)write a run's self-contained report.html"),
+    "config": ("advlens.configdoc", "every setting with its default, type and meaning"),
 }
 
 
