@@ -8,4 +8,15 @@ __version__ = "0.1.0"
 
 from advlens.errors import AdvlensError, ConfigError  # noqa: E402
 
-__all__ = ["AdvlensError", "ConfigError", "__version__"]
+__all__ = ["AdvlensError", "ConfigError", "Result", "__version__", "analyze", "load_run"]
+_API = ("Result", "analyze", "load_run")
+
+
+def __getattr__(name: str):
+    # The API pulls in numpy and, when called, torch: import it on first use only, so that
+    # `import advlens` (and the CLI's start) stays cheap.
+    if name in _API:
+        from advlens import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'advlens' has no attribute {name!r}")
