@@ -99,12 +99,15 @@ def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunR
     result removes the run folder it created.
     """
     run_dir = cfg.output.run_dir.resolve()
-    fresh = not run_dir.exists()
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # folders this run adds
     try:
         return _run(cfg, progress=progress, model=model, data=data)
     except BaseException:
-        if fresh and run_dir.is_dir() and not _has_results(run_dir):
+        if made and run_dir.is_dir() and not _has_results(run_dir):
             shutil.rmtree(run_dir)
+            for d in made[1:]:  # parents it created, while empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
         raise
 
 
