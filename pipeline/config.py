@@ -71,21 +71,21 @@ class AttackConfig:
     channels_last: bool = False  # GPU: channels-last memory format for inputs and model
 
     def __post_init__(self) -> None:
-        # Norm names are case-insensitive (Linf, L2); frozen, so set through object.
-        object.__setattr__(self, "norms", tuple(str(n).lower() for n in self.norms))
-        object.__setattr__(self, "eps", {str(k).lower(): v for k, v in self.eps.items()})
         for norm in self.norms:
-            if norm not in NORMS:
+            if str(norm).lower() not in NORMS:
                 raise ConfigError(
                     f"attack.norms contains {norm!r}: valid norms are {', '.join(NORMS)}"
                 )
         for norm, eps in self.eps.items():
-            if norm not in NORMS:
+            if str(norm).lower() not in NORMS:
                 raise ConfigError(
                     f"attack.eps has key {norm!r}: valid norms are {', '.join(NORMS)}"
                 )
             if not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
                 raise ConfigError(f"attack.eps.{norm} = {eps!r}: eps must be a finite number >= 0")
+        # Norm names are case-insensitive (Linf, L2); frozen, so set through object.
+        object.__setattr__(self, "norms", tuple(str(n).lower() for n in self.norms))
+        object.__setattr__(self, "eps", {str(k).lower(): v for k, v in self.eps.items()})
         if self.n_iter < 1:
             raise ConfigError(f"attack.n_iter = {self.n_iter}: must be at least 1")
         if self.batch_size < 1:
