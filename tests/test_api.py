@@ -159,6 +159,10 @@ def test_api_checks_its_inputs(small_model, tmp_path):
         ConfigError, match=r"attack__n_restart'; closest valid names .*: n_restarts"
     ):
         advlens.analyze(model, x, y, attack__n_restart=3, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="labels only with image arrays"):
+        advlens.analyze(model, "synthetic", y, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="torch.nn.Module or a model name, got ndarray"):
+        advlens.analyze(x, x, y, out=tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
