@@ -17,6 +17,8 @@ HINTS = {
     "h5py": "pip install h5py",
     "timm": "pip install timm",
     "torchvision": "pip install torchvision",
+    "pandas": "pip install pandas",
+    "tensorboard": "pip install tensorboard",
 }
 
 

@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", type=int, default=1000, help="points scored for recall/trust")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also time plain openTSNE with its defaults ({BASELINE})")  # fmt: skip
-    p.add_argument("--out", required=True, metavar="FILE.json", help="JSON; .md and .png beside")
+    p.add_argument("--out", default="bench-tsne.json", metavar="FILE.json",
+                   help="JSON; .md and .png beside (default: bench-tsne.json here)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

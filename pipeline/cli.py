@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("advlens.report.compare", "one curve figure and table over several runs"),
     "report": ("advlens.report.html", "(re)write a run's self-contained report.html"),
     "verify": ("advlens.verify", "check a run's stores, rows and maps; say what to recompute"),
+    "export": ("advlens.export", "write a run's points for TensorBoard's embedding projector"),
+    "config": ("advlens.configdoc", "every setting with its default, type and meaning"),
 }
 
 
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("advlens").setLevel(logging.INFO)
     try:
-        return int(args._main(args) or 0)
+        with progress.redirect_logging():  # log lines print above the bars, not through them
+            return int(args._main(args) or 0)
     except AdvlensError as exc:
         print(f"advlens {args.command}: error: {exc}", file=sys.stderr)
         return 2

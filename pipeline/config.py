@@ -31,11 +31,11 @@ NORMS = ("linf", "l2", "l1")
 class DataConfig:
     """Which images to attack: ``source`` in fashion-mnist, cifar10, folder, synthetic."""
 
-    source: str = "fashion-mnist"
+    source: str = "fashion-mnist"  # fashion-mnist, cifar10, folder or synthetic
     path: str | None = None  # folder with the files; None: the source's standard place
-    split: str = "test"
+    split: str = "test"  # train or test
     n: int = 1000  # number of attacked (correctly classified) samples
-    seed: int = 0
+    seed: int = 0  # seed of the class-stratified sample
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -46,15 +46,15 @@ class DataConfig:
 class ModelConfig:
     """Which network: a zoo name (small-cnn, wrn-28-10, denser) or ``module:factory``."""
 
-    name: str = "small-cnn"
+    name: str = "small-cnn"  # zoo name or package.module:factory (cwd is importable)
     checkpoint: str | None = None  # None for small-cnn: trained and cached by `advlens train`
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    train_epochs: int = 4
-    train_seed: int = 0
+    train_epochs: int = 4  # small-cnn: epochs of `advlens train`
+    train_seed: int = 0  # small-cnn: training seed (part of the cached weights' name)
     mean: str | None = None  # denser: per-pixel training mean (.npy, (H, W, C)); "none" disables
     adversarial: str | None = None  # small-cnn: "pgd-linf" trains it adversarially (Madry)
-    adversarial_eps: float = 0.1
-    adversarial_steps: int = 7
+    adversarial_eps: float = 0.1  # adversarial training: Linf radius
+    adversarial_steps: int = 7  # adversarial training: PGD steps
 
     def __post_init__(self) -> None:
         if self.adversarial in ("none", ""):  # --set model.adversarial=none: the standard model
@@ -69,31 +69,34 @@ class ModelConfig:
 class AttackConfig:
     """Which attack(s) and budget. ``eps`` maps norm -> radius; empty: the dataset default."""
 
-    name: str = "apgd-ce"
+    name: str = "apgd-ce"  # apgd-ce, apgd-dlr, apgd-t or foolbox:<Class>
     names: tuple[str, ...] = ()  # several attacks in one run; empty: (name,)
-    norms: tuple[str, ...] = ("l2", "linf")
-    eps: dict[str, float] = field(default_factory=dict)
-    n_iter: int = 100
-    n_restarts: int = 1
-    rho: float = 0.75
-    seed: int = 0
-    batch_size: int = 250
-    autocast_bf16: bool = False
-    channels_last: bool = False
+    norms: tuple[str, ...] = ("l2", "linf")  # threat models: linf, l2, l1 (any case)
+    eps: dict[str, float] = field(default_factory=dict)  # norm -> radius ("8/255" ok); 0: baseline
+    n_iter: int = 100  # attack iterations (foolbox: steps)
+    n_restarts: int = 1  # APGD random restarts
+    rho: float = 0.75  # APGD step-size halving threshold
+    seed: int = 0  # attack seed (per batch: seed * 1000003 + batch)
+    batch_size: int = 250  # images per attack batch (also the store's chunk rows)
+    autocast_bf16: bool = False  # GPU: bf16 autocast of the attack's forward passes
+    channels_last: bool = False  # GPU: channels-last memory format for inputs and model
 
     def __post_init__(self) -> None:
         for norm in self.norms:
-            if norm not in NORMS:
+            if str(norm).lower() not in NORMS:
                 raise ConfigError(
                     f"attack.norms contains {norm!r}: valid norms are {', '.join(NORMS)}"
                 )
         for norm, eps in self.eps.items():
-            if norm not in NORMS:
+            if str(norm).lower() not in NORMS:
                 raise ConfigError(
                     f"attack.eps has key {norm!r}: valid norms are {', '.join(NORMS)}"
                 )
             if not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
                 raise ConfigError(f"attack.eps.{norm} = {eps!r}: eps must be a finite number >= 0")
+        # Norm names are case-insensitive (Linf, L2); frozen, so set through object.
+        object.__setattr__(self, "norms", tuple(str(n).lower() for n in self.norms))
+        object.__setattr__(self, "eps", {str(k).lower(): v for k, v in self.eps.items()})
         if self.n_iter < 1:
             raise ConfigError(f"attack.n_iter = {self.n_iter}: must be at least 1")
         if self.batch_size < 1:
@@ -105,6 +108,7 @@ class AttackConfig:
 
     def eps_for(self, norm: str, dataset: str) -> float:
         """The radius for ``norm``: the configured one, else the dataset's default."""
+        norm = norm.lower()
         if norm in self.eps:
             return float(self.eps[norm])
         defaults = DEFAULT_EPS.get(dataset, DEFAULT_EPS["cifar10"])
@@ -117,8 +121,8 @@ class AttackConfig:
 class LayersConfig:
     """Which layers to tap: names, globs, ``auto`` or ``all``; plus the input itself."""
 
-    select: tuple[str, ...] = ("all",)
-    include_input: bool = True
+    select: tuple[str, ...] = ("all",)  # layer names or globs, auto (main stages) or all
+    include_input: bool = True  # also analyse the input pixels as layer 'input'
     pool: str = "none"  # none or gap (global average pooling of conv feature maps)
 
 
@@ -126,19 +130,19 @@ class LayersConfig:
 class EmbedConfig:
     """Dimensionality reduction and t-SNE settings, shared by every engine."""
 
-    engine: str = "opentsne"
+    engine: str = "opentsne"  # t-SNE engine: opentsne, sklearn, cuml, torch or auto
     engines: tuple[str, ...] = ()  # several engines; empty: (engine,)
-    pca_dims: int = 50
-    perplexity: float = 30.0
+    pca_dims: int = 50  # PCA dimensions before t-SNE
+    perplexity: float = 30.0  # t-SNE perplexity
     perplexities: tuple[float, ...] = ()  # repeats over perplexity; empty: (perplexity,)
-    n_iter: int = 1000
-    early_exaggeration: float = 12.0
-    early_exaggeration_iter: int = 250
-    learning_rate: float | str = "auto"
-    init: str = "pca"
-    seed: int = 0
+    n_iter: int = 1000  # t-SNE iterations, early exaggeration included
+    early_exaggeration: float = 12.0  # t-SNE early exaggeration factor
+    early_exaggeration_iter: int = 250  # iterations with early exaggeration
+    learning_rate: float | str = "auto"  # auto: N / 12 (N = clean + perturbed points)
+    init: str = "pca"  # pca or random initialisation of the map
+    seed: int = 0  # seed of PCA and t-SNE
     seeds: tuple[int, ...] = ()  # repeats over seed; empty: (seed,)
-    n_jobs: int = -1
+    n_jobs: int = -1  # CPU threads (-1: all)
 
     def __post_init__(self) -> None:
         if self.perplexity <= 0:
@@ -167,10 +171,10 @@ class OverlapConfig:
     ``bootstrap``: half-sample draws of the images for the interval (0: none).
     """
 
-    k: int | str = "auto"
-    variant: str = "overlap"
-    k_sweep: tuple[int, ...] = (5, 10, 20, 50)
-    bootstrap: int = 200
+    k: int | str = "auto"  # neighbours per point: auto (N / 100) or an integer
+    variant: str = "overlap"  # reported statistic: overlap, mixing or pair
+    k_sweep: tuple[int, ...] = (5, 10, 20, 50)  # k values also reported
+    bootstrap: int = 200  # half-sample draws of the images for the interval (0: none)
     detector_seed: int = 0  # the detector's folds: its own seed, not the map's
 
     def __post_init__(self) -> None:
@@ -190,10 +194,10 @@ class OverlapConfig:
 class OutputConfig:
     """Where results go: ``<root>/<name>/``."""
 
-    root: str = "runs"
-    name: str = "default"
+    root: str = "runs"  # folder that holds the run folders
+    name: str = "default"  # this run's folder name
     dtype: str = "float16"  # store dtype: float16 or float32
-    overwrite: bool = False
+    overwrite: bool = False  # replace a run folder written with other settings
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
@@ -227,7 +231,7 @@ class ScheduleConfig:
     )
     scheduler: str | None = None  # address of an existing scheduler, tcp://host:8786
     gpus: tuple[int, ...] = ()  # GPUs to use; empty: all visible
-    retries: int = 1
+    retries: int = 1  # reruns of a failed layer task
 
 
 @dataclass(frozen=True)
@@ -326,14 +330,24 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a number") from None
+            return parse_number(value)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise ConfigError(
+                f"{source}: {key} = {value!r}: expected a number or a fraction such as 8/255"
+            ) from None
     if tp is str:
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a string")
         return str(value)
     return value
+
+
+def parse_number(value: Any) -> float:
+    """A float from a number or a string such as ``0.1``, ``8/255`` or ``1.5 / 2``."""
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/", 1)
+        return float(num) / float(den)
+    return float(value)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -51,7 +51,7 @@ def extract(
     import torch
 
     from advlens.models.taps import tap_forward
-    from advlens.progress import bar
+    from advlens.progress import bar, expected_forwards, forward_ticks
 
     layers = list(layers)
     if layers != store.layers:
@@ -68,6 +68,7 @@ def extract(
     if todo.size == 0:
         return
     cast = getattr(torch, store.dtype)
+    expected = expected_forwards(attack)  # the bar moves per attack iteration within a batch
     rows_left = sum(r1 - r0 for r0, r1 in map(store.batch_rows, todo))
     done = store.n_batches - todo.size
     desc = f"attack+extract {store.path.stem}" + (
@@ -79,7 +80,8 @@ def extract(
                 r0, r1 = store.batch_rows(batch)
                 x = torch.from_numpy(np.ascontiguousarray(dataset.images[r0:r1])).to(device)
                 y = torch.from_numpy(np.ascontiguousarray(dataset.labels[r0:r1])).to(device)
-                res = attack(model, x, y, seed=batch_seed(base, batch))
+                with forward_ticks(model, pb, r1 - r0, expected) as ticks:
+                    res = attack(model, x, y, seed=batch_seed(base, batch))
                 with torch.no_grad():
                     _, clean = tap_forward(model, x, layers, pool=pool)
                     _, adv = tap_forward(model, res.x_adv, layers, pool=pool)
@@ -93,7 +95,7 @@ def extract(
                     "norm": _host(res.norm),
                 }
                 writer.put(batch, samples, acts)
-                pb.update(r1 - r0)
+                pb.update(ticks.left)
 
 
 def _host(t, dtype=None) -> np.ndarray:

@@ -150,3 +150,59 @@ def track(
         for item in iterable:
             yield item
             pb.update()
+
+
+class forward_ticks:  # noqa: N801 - used as a context manager, like a function
+    """Advance ``pb`` while an attack runs: ``images / expected`` per forward pass of ``model``.
+
+    An attack batch takes as long as its ``expected`` forward passes (APGD: one per
+    iteration and restart), so counting them makes the bar move within a batch. At most
+    ``images - 1`` are shown; the caller adds the rest (:attr:`left`) once the batch is done,
+    so the count ends exact however many passes the attack really made.
+    """
+
+    def __init__(self, model: Any, pb: Progress, images: int, expected: int | None) -> None:
+        self.model, self.pb, self.images = model, pb, int(images)
+        self.expected = int(expected) if expected else 0
+        self.calls = self.shown = 0
+        self._handle = None
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+        target = min(self.images - 1, self.images * self.calls // self.expected)
+        if target > self.shown:
+            self.pb.update(target - self.shown)
+            self.shown = target
+
+    @property
+    def left(self) -> int:
+        return self.images - self.shown
+
+    def __enter__(self) -> forward_ticks:
+        if self.expected > 0 and hasattr(self.model, "register_forward_hook"):
+            self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def expected_forwards(attack: Any) -> int | None:
+    """Forward passes an attack makes per batch, where it says (APGD, foolbox ``steps``)."""
+    n_iter = getattr(attack, "n_iter", None) or (getattr(attack, "kwargs", None) or {}).get("steps")
+    if not n_iter:
+        return None
+    targets = (
+        getattr(attack, "n_target_classes", 1)
+        if getattr(attack, "loss", "") == "dlr-targeted"
+        else 1
+    )
+    return int(n_iter) * int(getattr(attack, "n_restarts", 1) or 1) * int(targets)
+
+
+def redirect_logging():
+    """Route log lines through ``tqdm.write`` while bars are shown, so they never cut a bar."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger()])

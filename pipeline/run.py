@@ -19,9 +19,11 @@ are still written, the summary names the failed tasks; rerun to retry them); 2 f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
     parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
     parser.add_argument("--gpus", default=None, help="GPUs to use, e.g. 0,1 (default: all)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the stores, layers and tasks the run would create, and their disk space",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,6 +84,9 @@ def main(args: argparse.Namespace) -> int:
     if args.gpus:
         overrides.append(f"schedule.gpus=[{args.gpus}]")
     cfg = load(args.config, overrides)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
     result = run(cfg, progress=not args.quiet)
     from advlens.report import summary
 
@@ -89,9 +99,43 @@ def exit_code(rows: list[dict[str, Any]]) -> int:
     return 0 if rows and not any(r.get("error") for r in rows) else 1
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
-    """Run every stage of ``cfg`` and return the metrics rows; resumes a killed run."""
-    from advlens.analyze import LayerTask, run_layer_task
+def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunResult:
+    """Run every stage of ``cfg`` and return the metrics rows; resumes a killed run.
+
+    ``model`` (an ``nn.Module``) and ``data`` (an :class:`advlens.data.Dataset`) replace the
+    ones ``cfg`` names (the Python API passes its own). A run that fails before its first
+    result removes the run folder it created.
+    """
+    run_dir = cfg.output.run_dir.resolve()
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # folders this run adds
+    try:
+        return _run(cfg, progress=progress, model=model, data=data)
+    except BaseException:
+        if made and run_dir.is_dir() and not _has_results(run_dir):
+            shutil.rmtree(run_dir)
+            for d in made[1:]:  # parents it created, while empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        raise
+
+
+def _has_results(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished task or a stored batch (something to resume)."""
+    from advlens.store import ActivationStore
+
+    if any((run_dir / "tasks").glob("*.json")):
+        return True
+    for path in run_dir.glob("*.zarr"):
+        try:
+            if ActivationStore.open(path).completed_batches().any():
+                return True
+        except Exception:  # a store cut short before its first batch holds nothing to keep
+            continue
+    return False
+
+
+def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
+    from advlens.analyze import run_layer_task
     from advlens.schedule import run_tasks
 
     _check_names(cfg)
@@ -101,16 +145,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
-    model, data, device = _model_and_data(cfg)
+    model, data, device = _model_and_data(cfg, model, data)
     timings["model"] = time.perf_counter() - t
-
-    from advlens.models.taps import catalog, select_layers
-
-    in_shape = tuple(data.images.shape[1:])
-    cat = catalog(model, in_shape)
-    layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
-    shapes = {info.name: info.shape for info in cat}
-    widths = {name: _width(shapes[name], cfg.layers.pool) for name in layers}
+    layers, shapes, widths = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
 
     t = time.perf_counter()
     samples = _pick_samples(cfg, model, data, device)
@@ -129,30 +166,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
             stores.append((attack_name, norm, eps, path.resolve()))
     timings["attack+extract"] = time.perf_counter() - t
 
-    # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
-    task_device = "cuda" if device.startswith("cuda") else "cpu"
-    tasks = [
-        LayerTask(
-            store=str(path),
-            run_dir=str(run_dir),
-            attack=_slug(a),
-            norm=norm,
-            eps=eps,
-            layer=layer,
-            layer_index=i,
-            engine=engine,
-            seed=seed,
-            perplexity=perp,
-            embed=cfg.embed,
-            overlap=cfg.overlap,
-            device=task_device,
-        )
-        for (a, norm, eps, path) in stores
-        for i, layer in enumerate(layers)
-        for engine in cfg.embed.engine_names
-        for seed in cfg.embed.seed_list
-        for perp in cfg.embed.perplexity_list
-    ]
+    tasks = _tasks(cfg, stores, layers, run_dir, device)
     t = time.perf_counter()
     s = cfg.schedule
     rows = run_tasks(
@@ -175,6 +189,103 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     write_outputs(run_dir, rows, layers, provenance)
     timings["report"] = time.perf_counter() - t
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
+
+
+def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
+    """The selected layers, every tappable layer's output shape and each selected width."""
+    from advlens.models.taps import catalog, select_layers
+
+    cat = catalog(model, in_shape)
+    layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
+    shapes = {info.name: info.shape for info in cat}
+    widths = {name: _width(shapes[name], cfg.layers.pool) for name in layers}
+    return layers, shapes, widths
+
+
+def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
+    """One layer task per store x layer x engine x seed x perplexity."""
+    from advlens.analyze import LayerTask
+
+    # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
+    task_device = "cuda" if str(device).startswith("cuda") else "cpu"
+    return [
+        LayerTask(
+            store=str(path),
+            run_dir=str(run_dir),
+            attack=_slug(a),
+            norm=norm,
+            eps=eps,
+            layer=layer,
+            layer_index=i,
+            engine=engine,
+            seed=seed,
+            perplexity=perp,
+            embed=cfg.embed,
+            overlap=cfg.overlap,
+            device=task_device,
+        )
+        for (a, norm, eps, path) in stores
+        for i, layer in enumerate(layers)
+        for engine in cfg.embed.engine_names
+        for seed in cfg.embed.seed_list
+        for perp in cfg.embed.perplexity_list
+    ]
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """What ``run(cfg)`` would create: stores with their size, layers and layer tasks.
+
+    Builds the model without weights (nothing is trained or loaded) and reads only the
+    dataset's image shape; nothing is written.
+    """
+    from advlens.models import build_model
+    from advlens.models.cli import dataset_shape
+
+    _check_names(cfg)
+    in_shape, n_classes = dataset_shape(cfg.data.source, cfg.data.path, cfg.data.split)
+    model = build_model(
+        dataclasses.replace(cfg.model, device="cpu"), cfg.data.source, in_shape, n_classes,
+        weights=False,
+    )  # fmt: skip
+    layers, shapes, widths = _layer_plan(cfg, model, in_shape)
+    run_dir = cfg.output.run_dir.resolve()
+    n, itemsize = cfg.data.n, np.dtype(cfg.output.dtype).itemsize
+    store_bytes = 2 * n * sum(widths.values()) * itemsize  # clean + perturbed, uncompressed
+    stores = [
+        (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{_slug(a)}-{norm}.zarr")
+        for a in cfg.attack.attack_names
+        for norm in cfg.attack.norms
+    ]
+    tasks = _tasks(cfg, stores, layers, run_dir, "cpu")
+    done = sum(t.row_path.exists() for t in tasks)
+    lines = [f"advlens run --dry-run: {run_dir}/ ({'exists' if run_dir.exists() else 'new'})"]
+    lines.append(f"stores ({len(stores)}, {n} clean + {n} perturbed samples each, "
+                 f"{cfg.output.dtype}, at most {_size(store_bytes)} each uncompressed):")  # fmt: skip
+    for a, norm, eps, path in stores:
+        state = " (exists: resumed or checked)" if path.exists() else ""
+        lines.append(f"  {path.name}  {a} {norm} eps={eps:g}  {_size(store_bytes)}{state}")
+    lines.append(f"layers ({len(layers)}, pool={cfg.layers.pool}):")
+    width = max(len(name) for name in layers)
+    for name in layers:
+        per = 2 * n * widths[name] * itemsize
+        lines.append(f"  {name:<{width}}  {str(tuple(shapes[name])):<16} dim {widths[name]:>8}"
+                     f"  {_size(per)} per store")  # fmt: skip
+    lines.append(
+        f"layer tasks: {len(tasks)} = {len(stores)} stores x {len(layers)} layers x "
+        f"{len(cfg.embed.engine_names)} engines x {len(cfg.embed.seed_list)} seeds x "
+        f"{len(cfg.embed.perplexity_list)} perplexities; {done} already done"
+    )
+    lines.append(f"disk: at most {_size(len(stores) * store_bytes)} for the stores, plus "
+                 f"{_size(len(tasks) * 2 * n * 16)} of task maps")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
 
 
 def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
@@ -233,16 +344,43 @@ def _clear_tasks(run_dir: Path) -> None:
         )  # fmt: skip
 
 
-def _model_and_data(cfg: RunConfig):
+def _model_and_data(cfg: RunConfig, model=None, data=None):
     from advlens.data import load_dataset
     from advlens.models import build_model
     from advlens.reduce import resolve_device
 
     device = resolve_device(cfg.model.device)
-    data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
-    model = build_model(cfg.model, data.name, tuple(data.images.shape[1:]), len(data.classes))
+    if data is None:
+        data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
+    if model is None:
+        model = build_model(cfg.model, data.name, tuple(data.images.shape[1:]), len(data.classes))
     model = model.to(device).eval()
+    check_fit(model, data, device, cfg.model.name)
     return model, data, device
+
+
+def check_fit(model, data, device: str, name: str) -> None:
+    """One sample's forward pass: a model that cannot take the data's images, or that
+    returns no logits for every class, is a ConfigError naming both shapes."""
+    import torch
+
+    x = torch.as_tensor(data.images[:1], device=device)
+    what = f"model {name!r} on {data.name} images of shape {tuple(x.shape)} (N, C, H, W)"
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{what}: the forward pass fails ({str(exc).splitlines()[0]}); the model expects "
+            "other inputs: pick the dataset it was built for, or adapt its first layer"
+        ) from None
+    n_classes = int(data.labels.max()) + 1 if len(data.labels) else len(data.classes)
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 2 or shape[0] != 1 or shape[1] < n_classes:
+        raise ConfigError(
+            f"{what}: it returns {type(out).__name__} of shape {shape}, but advlens needs "
+            f"logits of shape (1, n_classes) with n_classes >= {n_classes}, the data's labels"
+        )
 
 
 def _pick_samples(cfg: RunConfig, model, data, device: str):

@@ -47,10 +47,15 @@ def main(args: argparse.Namespace) -> int:
     from advlens.models.taps import catalog, select_layers
 
     dataset = args.dataset or MODEL_DATASET.get(args.model.split("-")[0], "fashion-mnist")
-    in_shape, n_classes = _shape(dataset, args.data_path)
+    in_shape, n_classes = dataset_shape(dataset, args.data_path)
     kwargs = {"name": args.model, "checkpoint": args.checkpoint, "device": "cpu"}
     # Shapes need no weights: nothing is trained or loaded (denser reads its architecture).
-    model = build_model(ModelConfig(**kwargs), dataset, in_shape, n_classes, weights=False)
+    # A --checkpoint is loaded, strictly, so that a file that does not fit is named here.
+    weights = bool(args.checkpoint)
+    model = build_model(ModelConfig(**kwargs), dataset, in_shape, n_classes, weights=weights)
+    if weights:
+        n_tensors = len(model.state_dict())
+        print(f"checkpoint {args.checkpoint}: fits {args.model} ({n_tensors} tensors loaded)")
     infos = catalog(model, in_shape)
     chosen = set(select_layers(infos, args.select, include_input=False)) if args.select else None
     width = max(len(i.name) for i in infos)
@@ -64,10 +69,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shape(dataset: str, data_path: str | None) -> tuple[tuple[int, ...], int]:
+def dataset_shape(
+    dataset: str, data_path: str | None, split: str = "test"
+) -> tuple[tuple[int, ...], int]:
+    """Image shape (C, H, W) and class count of ``dataset``; a folder dataset is read."""
     if dataset in SHAPES:
         return SHAPES[dataset]
     from advlens.data import load_dataset
 
-    ds = load_dataset(dataset, "test", data_path)
+    ds = load_dataset(dataset, split, data_path)
     return ds.shape, len(ds.classes)

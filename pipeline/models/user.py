@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 
 import torch
 from torch import nn
@@ -55,6 +57,10 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
     if module_name in ("torchvision", "timm"):
         model = _hub(module_name, attr, n_classes)
     else:
+        # `advlens` is a console script, whose sys.path lacks the current directory; a user's
+        # my_model.py beside their data is found as `my_model:factory`, as with `python -m`.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

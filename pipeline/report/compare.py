@@ -1,10 +1,13 @@
 """Compare finished runs: one per-layer curve figure and one table over several runs.
 
 Each run folder (``runs/<name>``, holding metrics.json) adds one line per attack x norm:
-L2 blue, Linf orange; runs differ by line style, or by shade when every line has the same
-norm (an eps sweep). Runs with the same layers share the layer-name axis; runs of different
-models are drawn against relative depth (layer position / last layer). Writes
-``compare.png`` and ``compare.csv`` (mean, std and bootstrap interval over repeats) to --out.
+L2 blue, Linf orange; runs differ by line style and marker, and by shade too when every line
+has the same norm (an eps sweep). Layers are matched by name: runs that share layer names
+share the layer-name axis; runs of different models (no common name) are drawn against
+relative depth (layer position / last layer). Bands: spread over repeats, or with one map
+per layer its bootstrap interval. A warning names every setting (N, k, eps) in which the runs
+differ. Writes ``compare.png`` and ``compare.csv`` (mean, std and bootstrap interval over
+repeats, the per-map interval ci_low/ci_high, N and k) to --out.
 
 Examples:
   advlens compare runs/small-cnn runs/wrn-28-10
@@ -15,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,8 @@ import numpy as np
 
 from advlens.errors import ConfigError, closest
 from advlens.report.tables import METRICS, aggregate, read_metrics, write_csv
+
+log = logging.getLogger(__name__)
 
 
 def _names(run_dirs: Sequence[Path]) -> list[str]:
@@ -43,7 +49,11 @@ def _shade(color: str, t: float) -> tuple[float, float, float]:
 def compare(
     run_dirs: Sequence[str | Path], out_dir: str | Path, *, metric: str = "overlap"
 ) -> dict[str, Path]:
-    """Write ``compare.png`` and ``compare.csv`` for ``run_dirs`` into ``out_dir``."""
+    """Write ``compare.png`` and ``compare.csv`` for ``run_dirs`` into ``out_dir``.
+
+    Layers are matched by name; a warning is logged for every setting (N, k, eps) in which
+    the runs differ, since their curves are then not measured on equal terms.
+    """
     from advlens.report import figures as F
 
     if metric not in METRICS:
@@ -53,17 +63,26 @@ def compare(
     run_dirs = [Path(p) for p in run_dirs]
     names = _names(run_dirs)
     runs = [(name, *read_metrics(p)) for name, p in zip(names, run_dirs, strict=True)]
-    same_layers = all(r[2] == runs[0][2] for r in runs)
+    for line in differences(runs):
+        log.warning("compare: %s", line)
+    # Runs that share layer names are drawn on one name axis (their union, in order); runs
+    # with no layer in common (different models) against relative depth.
+    axis = union_layers([r[2] for r in runs])
+    by_name = bool(set.intersection(*(set(r[2]) for r in runs)))
     series, table = [], []
     norms = {a["norm"] for _, rows, layers in runs for a in aggregate(rows, layers)}
     for i, (name, rows, layers) in enumerate(runs):
         agg = aggregate(rows, layers)
-        for s in F.agg_series(agg, layers, metric):
+        for s in F.agg_series(agg, axis if by_name else layers, metric):
             s.label = f"{name}: {s.label}" if len(runs) > 1 else s.label
-            if len(norms) == 1 and len(runs) > 1:  # one norm: runs as shades of its colour
-                s.color = _shade(s.color, -0.55 + 0.85 * i / (len(runs) - 1))
-            else:
+            # Runs differ by line style and marker, and by shade when all share one norm.
+            if len(runs) > 1:
                 s.linestyle = F.LINESTYLES[i % len(F.LINESTYLES)]
+                s.marker = F.MARKERS[i % len(F.MARKERS)]
+            if len(norms) == 1 and len(runs) > 1:
+                s.color = _shade(s.color, -0.55 + 0.85 * i / (len(runs) - 1))
+            if s.lo is None:  # one map per layer: its bootstrap interval over points
+                _map_band(s, agg, axis if by_name else layers, metric)
             s.extra["depth"] = np.arange(len(layers)) / max(len(layers) - 1, 1)
             series.append(s)
         for a in agg:
@@ -73,19 +92,69 @@ def compare(
             table.append({
                 "run": name, "attack": a["attack"], "norm": a["norm"], "eps": a["eps"],
                 "layer": a["layer"], "layer_index": a["layer_index"], "depth": depth,
-                "n_repeats": a["n_repeats"], **{f"{metric}_{s}": a[f"{metric}_{s}"]
-                                               for s in ("mean", "std", "boot_low", "boot_high")},
+                "n": a["n"], "k": a["k"], "n_repeats": a["n_repeats"],
+                **{f"{metric}_{s}": a[f"{metric}_{s}"]
+                   for s in ("mean", "std", "boot_low", "boot_high")},
+                "ci_low": a["ci_low"] if metric == "overlap" else None,
+                "ci_high": a["ci_high"] if metric == "overlap" else None,
             })  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ylim = (0.4, 1.02) if metric == "auc" else (-0.02, 1.02)
     png = out_dir / "compare.png"
-    if same_layers:
-        F.plot_series(series, runs[0][2], png, ylabel=metric, ylim=ylim)
+    if by_name:
+        F.plot_series(series, axis, png, ylabel=metric, ylim=ylim)
     else:
         _depth_plot(series, png, ylabel=metric, ylim=ylim)
     csv = write_csv(out_dir / "compare.csv", table)
     return {"compare.png": png, "compare.csv": csv}
+
+
+def union_layers(lists: Sequence[Sequence[str]]) -> list[str]:
+    """Every layer name once, in order: each new name goes right after its predecessor."""
+    out: list[str] = []
+    for layers in lists:
+        prev = None
+        for name in layers:
+            if name not in out:
+                out.insert(out.index(prev) + 1 if prev in out else len(out), name)
+            prev = name
+    return out
+
+
+def differences(runs: Sequence[tuple[str, list[dict], list[str]]]) -> list[str]:
+    """One line per setting (N, k, eps per attack x norm) whose value differs between runs."""
+    values: dict[str, dict[str, set]] = {}
+    for name, rows, _ in runs:
+        for r in rows:
+            for what, v in (("N", r.get("n")), ("k", r.get("k")),
+                            (f"eps ({r.get('attack')} {r.get('norm')})", r.get("eps"))):  # fmt: skip
+                values.setdefault(what, {}).setdefault(name, set()).add(v)
+    lines = []
+    for what, per_run in values.items():
+        if len(per_run) > 1 and len(set().union(*per_run.values())) > 1:
+            shown = ", ".join(f"{name}={'/'.join(map(_num, sorted(vs, key=str)))}"
+                              for name, vs in per_run.items())  # fmt: skip
+            lines.append(f"runs differ in {what}: {shown}; their curves are not on equal terms")
+    return lines
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _map_band(s, agg: Sequence[dict], layers: Sequence[str], metric: str) -> None:
+    """Set the series band from the per-map bootstrap interval (overlap only)."""
+    if metric != "overlap":
+        return
+    index = {name: i for i, name in enumerate(layers)}
+    lo, hi = np.full(len(layers), np.nan), np.full(len(layers), np.nan)
+    for a in agg:
+        if (a["attack"], a["norm"]) == (s.extra.get("attack"), s.extra.get("norm")):
+            if a["layer"] in index and a.get("ci_low") is not None:
+                lo[index[a["layer"]]], hi[index[a["layer"]]] = a["ci_low"], a["ci_high"]
+    if np.isfinite(lo).any():
+        s.lo, s.hi = lo, hi
 
 
 def _depth_plot(series, out: Path, *, ylabel: str, ylim) -> Path:
