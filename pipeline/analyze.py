@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from advlens._io import write_json, write_npz
-from advlens.config import EmbedConfig, OverlapConfig
+from advlens.config import EmbedConfig, OverlapConfig, max_perplexity, shaping
 from advlens.report.tables import ARTEFACT_GAP
 
 
@@ -50,7 +50,7 @@ class LayerTask:
                 self.seed,
                 self.perplexity,
                 _shaping(self.embed),
-                asdict(self.overlap),
+                shaping(self.overlap, "task"),
             ],
             sort_keys=True,
             default=str,
@@ -88,10 +88,7 @@ class LayerTask:
 
 def _shaping(embed: EmbedConfig) -> dict[str, Any]:
     """Embed settings that shape one task's result: the repeat lists are spread over tasks."""
-    d = asdict(embed)
-    for key in ("engine", "engines", "seed", "seeds", "perplexity", "perplexities"):
-        d.pop(key)
-    return d
+    return shaping(embed, "task")
 
 
 def run_layer_task(task: LayerTask) -> dict[str, Any]:
@@ -134,6 +131,8 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
 
     row = task.identity() | {
         "n": n,
+        # embed() lowers a perplexity too large for the map (advlens.config.validate warns)
+        "perplexity_used": min(float(task.perplexity), max_perplexity(n)),
         "success_rate": float(np.mean(samples["success"])),
         "overlap": sweep[("overlap", ov.k)].value,
         "mixing": sweep[("mixing", ov.k)].value,
