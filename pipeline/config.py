@@ -201,10 +201,11 @@ class EmbedConfig:
     n_jobs: int = setting("task", -1)
 
     def __post_init__(self) -> None:
-        for perp in (self.perplexity, *self.perplexities):
+        if not (math.isfinite(self.perplexity) and self.perplexity > 0):
+            raise ConfigError(f"embed.perplexity = {self.perplexity}: must be a finite number > 0")
+        for perp in self.perplexities:
             if not (math.isfinite(perp) and perp > 0):
-                key = "perplexity" if perp == self.perplexity else "perplexities"
-                raise ConfigError(f"embed.{key} contains {perp}: must be a finite number > 0")
+                raise ConfigError(f"embed.perplexities contains {perp}: must be finite and > 0")
         if self.n_jobs == 0 or self.n_jobs < -1:
             raise ConfigError(f"embed.n_jobs = {self.n_jobs}: use a count >= 1, or -1 for all")
         if self.pca_dims < 2:
