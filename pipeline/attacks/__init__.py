@@ -107,6 +107,8 @@ def check_finite(t: torch.Tensor, what: str, *, dtype: str | None = None) -> Non
     With ``dtype="float16"``, values beyond float16's range (|x| > 65504, which would be
     stored as inf) are refused too, with the hint to store float32.
     """
+    if t.numel() == 0:
+        return
     flat = t.detach().reshape(len(t), -1)
     bad = ~torch.isfinite(flat).all(dim=1)
     if bool(bad.any()):
