@@ -13,14 +13,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from advlens._io import record, write_json, write_npz
-from advlens.config import EmbedConfig, OverlapConfig
+from advlens.config import EmbedConfig, OverlapConfig, max_perplexity, shaping
 from advlens.errors import StoreError
 from advlens.report.tables import ARTEFACT_GAP, read_task_map, read_task_row
 
@@ -56,7 +56,7 @@ class LayerTask:
                 self.seed,
                 self.perplexity,
                 _shaping(self.embed),
-                asdict(self.overlap),
+                shaping(self.overlap, "task"),
             ],
             sort_keys=True,
             default=str,
@@ -94,10 +94,7 @@ class LayerTask:
 
 def _shaping(embed: EmbedConfig) -> dict[str, Any]:
     """Embed settings that shape one task's result: the repeat lists are spread over tasks."""
-    d = asdict(embed)
-    for key in ("engine", "engines", "seed", "seeds", "perplexity", "perplexities"):
-        d.pop(key)
-    return d
+    return shaping(embed, "task")
 
 
 def run_layer_task(task: LayerTask) -> dict[str, Any]:
@@ -157,6 +154,8 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "k": k,
         "k_setting": ov.k,
         "n": n,
+        # embed() lowers a perplexity too large for the map (advlens.config.validate warns)
+        "perplexity_used": min(float(task.perplexity), max_perplexity(n)),
         "success_rate": float(np.mean(samples["success"])),
         "overlap": sweep[("overlap", k)].value,
         "mixing": sweep[("mixing", k)].value,

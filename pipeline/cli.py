@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("advlens: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `advlens config | head`: the reader left; nothing went wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ the run's Zarr attributes (:meth:`RunConfig.to_dict`) so that every result says 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import re
 import tomllib
 import types
 import typing
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from advlens.errors import ConfigError, closest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -26,37 +30,98 @@ DEFAULT_EPS = {
 }
 NORMS = ("linf", "l2", "l1")
 
+# What a setting shapes (docs/design.md, "Settings and identity"): "store" changes the stored
+# activations (a store written with another value is refused), "task" changes one layer task's
+# row (its task id), "none" changes neither (where and how the work runs). ``spread`` marks the
+# lists a run spreads over several stores or tasks (attack names and norms, engines, seeds,
+# perplexities): each store or task records its own value instead.
+SHAPES = ("store", "task", "none")
+
+
+def setting(shapes: str, default: Any = dataclasses.MISSING, *, factory: Any = None,
+            spread: bool = False, doc: str = "") -> Any:  # fmt: skip
+    """A config field that declares what it shapes (one of :data:`SHAPES`) and what it means
+    (``doc``, one line: ``advlens config`` prints it)."""
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {SHAPES}, got {shapes!r}")
+    meta = {"shapes": shapes, "spread": spread, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def shaping(section: Any, shapes: str, *, spread: bool = False) -> dict[str, Any]:
+    """``section``'s settings that shape ``shapes``; the spread lists only with ``spread``."""
+    return {
+        f.name: _jsonable(getattr(section, f.name))
+        for f in fields(section)
+        if f.metadata["shapes"] == shapes and (spread or not f.metadata["spread"])
+    }
+
+
+def shaping_keys(cfg: RunConfig, shapes: str) -> list[str]:
+    """Dotted names of every setting of ``cfg`` that shapes ``shapes`` (for provenance)."""
+    return [
+        f"{sec.name}.{f.name}"
+        for sec in fields(cfg)
+        for f in fields(getattr(cfg, sec.name))
+        if f.metadata["shapes"] == shapes
+    ]
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to attack: ``source`` in fashion-mnist, cifar10, folder, synthetic."""
 
-    source: str = "fashion-mnist"  # fashion-mnist, cifar10, folder or synthetic
-    path: str | None = None  # folder with the files; None: the source's standard place
-    split: str = "test"  # train or test
-    n: int = 1000  # number of attacked (correctly classified) samples
-    seed: int = 0  # seed of the class-stratified sample
+    source: str = setting(
+        "store", "fashion-mnist", doc="fashion-mnist, cifar10, folder or synthetic"
+    )
+    path: str | None = setting(
+        "store", None, doc="folder with the files; none: the source's standard place"
+    )
+    split: str = setting("store", "test", doc="train or test")
+    n: int = setting("store", 1000, doc="number of attacked (correctly classified) samples")
+    seed: int = setting("store", 0, doc="seed of the class-stratified sample")
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"data.n = {self.n}: the number of samples must be at least 1")
+        if self.n < 3:  # t-SNE, the kNN score and the held-out detector need a few points
+            raise ConfigError(f"data.n = {self.n}: the number of samples must be at least 3")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network: a zoo name (small-cnn, wrn-28-10, denser) or ``module:factory``."""
 
-    name: str = "small-cnn"  # zoo name or package.module:factory (cwd is importable)
-    checkpoint: str | None = None  # None for small-cnn: trained and cached by `advlens train`
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    train_epochs: int = 4  # small-cnn: epochs of `advlens train`
-    train_seed: int = 0  # small-cnn: training seed (part of the cached weights' name)
-    mean: str | None = None  # denser: per-pixel training mean (.npy, (H, W, C)); "none" disables
-    adversarial: str | None = None  # small-cnn: "pgd-linf" trains it adversarially (Madry)
-    adversarial_eps: float = 0.1  # adversarial training: Linf radius
-    adversarial_steps: int = 7  # adversarial training: PGD steps
+    name: str = setting(
+        "store", "small-cnn", doc="zoo name or package.module:factory (cwd is importable)"
+    )
+    checkpoint: str | None = setting(
+        "store", None, doc="weights file; none for small-cnn: trained and cached by `advlens train`"
+    )
+    device: str = setting("store", "auto", doc="auto, cpu, cuda, cuda:1, ...")
+    train_epochs: int = setting("store", 4, doc="small-cnn: epochs of `advlens train`")
+    train_seed: int = setting(
+        "store", 0, doc="small-cnn: training seed (part of the cached weights' name)"
+    )
+    mean: str | None = setting(
+        "store", None, doc='denser: per-pixel training mean (.npy, (H, W, C)); "none" disables'
+    )
+    lambda_map: dict[str, str] = setting(
+        "store",
+        factory=dict,
+        doc="denser: Lambda layer name -> known operation, for Lambdas advlens cannot recognise",
+    )
+    adversarial: str | None = setting(
+        "store", None, doc='small-cnn: "pgd-linf" trains it adversarially (Madry)'
+    )
+    adversarial_eps: float = setting("store", 0.1, doc="adversarial training: Linf radius")
+    adversarial_steps: int = setting("store", 7, doc="adversarial training: PGD steps")
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"model.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.train_epochs < 1:
+            raise ConfigError(f"model.train_epochs = {self.train_epochs}: must be at least 1")
         if self.adversarial in ("none", ""):  # --set model.adversarial=none: the standard model
             object.__setattr__(self, "adversarial", None)
         if self.adversarial is not None:  # checked here, before any data or model is touched
@@ -69,19 +134,40 @@ class ModelConfig:
 class AttackConfig:
     """Which attack(s) and budget. ``eps`` maps norm -> radius; empty: the dataset default."""
 
-    name: str = "apgd-ce"  # apgd-ce, apgd-dlr, apgd-t or foolbox:<Class>
-    names: tuple[str, ...] = ()  # several attacks in one run; empty: (name,)
-    norms: tuple[str, ...] = ("l2", "linf")  # threat models: linf, l2, l1 (any case)
-    eps: dict[str, float] = field(default_factory=dict)  # norm -> radius ("8/255" ok); 0: baseline
-    n_iter: int = 100  # attack iterations (foolbox: steps)
-    n_restarts: int = 1  # APGD random restarts
-    rho: float = 0.75  # APGD step-size halving threshold
-    seed: int = 0  # attack seed (per batch: seed * 1000003 + batch)
-    batch_size: int = 250  # images per attack batch (also the store's chunk rows)
-    autocast_bf16: bool = False  # GPU: bf16 autocast of the attack's forward passes
-    channels_last: bool = False  # GPU: channels-last memory format for inputs and model
+    name: str = setting(
+        "store", "apgd-ce", spread=True, doc="apgd-ce, apgd-dlr, apgd-t or foolbox:<Class>"
+    )
+    names: tuple[str, ...] = setting(
+        "store", (), spread=True, doc="several attacks in one run; empty: (name,)"
+    )
+    norms: tuple[str, ...] = setting(
+        "store", ("l2", "linf"), spread=True, doc="threat models: linf, l2, l1 (any case)"
+    )
+    eps: dict[str, float] = setting(
+        "store",
+        factory=dict,
+        spread=True,
+        doc='norm -> radius ("8/255" ok); 0: unperturbed baseline',
+    )
+    n_iter: int = setting("store", 100, doc="attack iterations (foolbox: steps)")
+    n_restarts: int = setting("store", 1, doc="APGD random restarts")
+    rho: float = setting("store", 0.75, doc="APGD step-size halving threshold")
+    seed: int = setting("store", 0, doc="attack seed (per batch: seed * 1000003 + batch)")
+    batch_size: int = setting(
+        "store", 250, doc="images per attack batch (also the store's chunk rows)"
+    )
+    autocast_bf16: bool = setting(
+        "store", False, doc="GPU: bf16 autocast of the attack's forward passes"
+    )
+    channels_last: bool = setting(
+        "store", False, doc="GPU: channels-last memory format for inputs and model"
+    )
 
     def __post_init__(self) -> None:
+        if not self.norms:
+            raise ConfigError(f"attack.norms is empty: name at least one of {', '.join(NORMS)}")
+        if not all(self.attack_names):
+            raise ConfigError(f"attack.names = {list(self.names)}: names must not be empty")
         for norm in self.norms:
             if str(norm).lower() not in NORMS:
                 raise ConfigError(
@@ -101,6 +187,12 @@ class AttackConfig:
             raise ConfigError(f"attack.n_iter = {self.n_iter}: must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"attack.batch_size = {self.batch_size}: must be at least 1")
+        if self.n_restarts < 1:
+            raise ConfigError(f"attack.n_restarts = {self.n_restarts}: must be at least 1")
+        if not 0 < self.rho < 1:
+            raise ConfigError(f"attack.rho = {self.rho}: must lie strictly between 0 and 1")
+        if self.seed < 0:
+            raise ConfigError(f"attack.seed = {self.seed}: must be >= 0")
 
     @property
     def attack_names(self) -> tuple[str, ...]:
@@ -121,32 +213,59 @@ class AttackConfig:
 class LayersConfig:
     """Which layers to tap: names, globs, ``auto`` or ``all``; plus the input itself."""
 
-    select: tuple[str, ...] = ("all",)  # layer names or globs, auto (main stages) or all
-    include_input: bool = True  # also analyse the input pixels as layer 'input'
-    pool: str = "none"  # none or gap (global average pooling of conv feature maps)
+    select: tuple[str, ...] = setting(
+        "store", ("all",), doc="layer names or globs, auto (main stages) or all"
+    )
+    include_input: bool = setting(
+        "store", True, doc="also analyse the input pixels as layer 'input'"
+    )
+    pool: str = setting(
+        "store", "none", doc="none or gap (global average pooling of conv feature maps)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.select:
+            raise ConfigError("layers.select is empty: name layers, globs, 'auto' or 'all'")
+        if self.pool not in ("none", "gap"):
+            raise ConfigError(f"layers.pool = {self.pool!r}: valid values are none, gap")
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """Dimensionality reduction and t-SNE settings, shared by every engine."""
 
-    engine: str = "opentsne"  # t-SNE engine: opentsne, sklearn, cuml, torch or auto
-    engines: tuple[str, ...] = ()  # several engines; empty: (engine,)
-    pca_dims: int = 50  # PCA dimensions before t-SNE
-    perplexity: float = 30.0  # t-SNE perplexity
-    perplexities: tuple[float, ...] = ()  # repeats over perplexity; empty: (perplexity,)
-    n_iter: int = 1000  # t-SNE iterations, early exaggeration included
-    early_exaggeration: float = 12.0  # t-SNE early exaggeration factor
-    early_exaggeration_iter: int = 250  # iterations with early exaggeration
-    learning_rate: float | str = "auto"  # auto: N / 12 (N = clean + perturbed points)
-    init: str = "pca"  # pca or random initialisation of the map
-    seed: int = 0  # seed of PCA and t-SNE
-    seeds: tuple[int, ...] = ()  # repeats over seed; empty: (seed,)
-    n_jobs: int = -1  # CPU threads (-1: all)
+    engine: str = setting(
+        "task", "opentsne", spread=True, doc="t-SNE engine: opentsne, sklearn, cuml, torch or auto"
+    )
+    engines: tuple[str, ...] = setting(
+        "task", (), spread=True, doc="several engines; empty: (engine,)"
+    )
+    pca_dims: int = setting("task", 50, doc="PCA dimensions before t-SNE")
+    perplexity: float = setting("task", 30.0, spread=True, doc="t-SNE perplexity")
+    perplexities: tuple[float, ...] = setting(
+        "task", (), spread=True, doc="repeats over perplexity; empty: (perplexity,)"
+    )
+    n_iter: int = setting("task", 1000, doc="t-SNE iterations, early exaggeration included")
+    early_exaggeration: float = setting("task", 12.0, doc="t-SNE early exaggeration factor")
+    early_exaggeration_iter: int = setting("task", 250, doc="iterations with early exaggeration")
+    learning_rate: float | str = setting(
+        "task", "auto", doc="auto: N / 12 (N = clean + perturbed points)"
+    )
+    init: str = setting("task", "pca", doc="pca or random initialisation of the map")
+    seed: int = setting("task", 0, spread=True, doc="seed of PCA and t-SNE")
+    seeds: tuple[int, ...] = setting(
+        "task", (), spread=True, doc="repeats over seed; empty: (seed,)"
+    )
+    n_jobs: int = setting("task", -1, doc="CPU threads (-1: all, resolved once per run)")
 
     def __post_init__(self) -> None:
-        if self.perplexity <= 0:
-            raise ConfigError(f"embed.perplexity = {self.perplexity}: must be > 0")
+        if not (math.isfinite(self.perplexity) and self.perplexity > 0):
+            raise ConfigError(f"embed.perplexity = {self.perplexity}: must be a finite number > 0")
+        for perp in self.perplexities:
+            if not (math.isfinite(perp) and perp > 0):
+                raise ConfigError(f"embed.perplexities contains {perp}: must be finite and > 0")
+        if self.n_jobs == 0 or self.n_jobs < -1:
+            raise ConfigError(f"embed.n_jobs = {self.n_jobs}: use a count >= 1, or -1 for all")
         if self.pca_dims < 2:
             raise ConfigError(f"embed.pca_dims = {self.pca_dims}: must be at least 2")
 
@@ -171,11 +290,13 @@ class OverlapConfig:
     ``bootstrap``: half-sample draws of the images for the interval (0: none).
     """
 
-    k: int | str = "auto"  # neighbours per point: auto (N / 100) or an integer
-    variant: str = "overlap"  # reported statistic: overlap, mixing or pair
-    k_sweep: tuple[int, ...] = (5, 10, 20, 50)  # k values also reported
-    bootstrap: int = 200  # half-sample draws of the images for the interval (0: none)
-    detector_seed: int = 0  # the detector's folds: its own seed, not the map's
+    k: int | str = setting("task", "auto", doc="neighbours per point: auto (N / 100) or an integer")
+    variant: str = setting("task", "overlap", doc="reported statistic: overlap, mixing or pair")
+    k_sweep: tuple[int, ...] = setting("task", (5, 10, 20, 50), doc="k values also reported")
+    bootstrap: int = setting(
+        "task", 200, doc="half-sample draws of the images for the interval (0: none)"
+    )
+    detector_seed: int = setting("task", 0, doc="the detector's folds: its own seed, not the map's")
 
     def __post_init__(self) -> None:
         if isinstance(self.k, str) and self.k != "auto":
@@ -184,6 +305,11 @@ class OverlapConfig:
             )
         if not isinstance(self.k, str) and self.k < 1:
             raise ConfigError(f'overlap.k = {self.k}: must be at least 1 (or "auto")')
+        bad = [k for k in self.k_sweep if k < 1]
+        if bad:
+            raise ConfigError(f"overlap.k_sweep contains {bad[0]}: every k must be at least 1")
+        if self.bootstrap < 0:
+            raise ConfigError(f"overlap.bootstrap = {self.bootstrap}: must be >= 0 (0: none)")
         if self.variant not in ("overlap", "mixing", "pair"):
             raise ConfigError(
                 f"overlap.variant = {self.variant!r}: valid variants are overlap, mixing, pair"
@@ -194,10 +320,10 @@ class OverlapConfig:
 class OutputConfig:
     """Where results go: ``<root>/<name>/``."""
 
-    root: str = "runs"  # folder that holds the run folders
-    name: str = "default"  # this run's folder name
-    dtype: str = "float16"  # store dtype: float16 or float32
-    overwrite: bool = False  # replace a run folder written with other settings
+    root: str = setting("none", "runs", doc="folder that holds the run folders")
+    name: str = setting("none", "default", doc="this run's folder name")
+    dtype: str = setting("store", "float16", doc="store dtype: float16 or float32")
+    overwrite: bool = setting("none", False, doc="replace a run folder written with other settings")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
@@ -226,12 +352,24 @@ class OutputConfig:
 class ScheduleConfig:
     """How layer tasks run: in process, on local Dask workers, or on a cluster."""
 
-    workers: int = (
-        0  # 0: automatic (in process on a CPU or one GPU, one worker per GPU when several)
+    workers: int = setting(
+        "none",
+        0,
+        doc="0: automatic (in process on a CPU or one GPU, one worker per GPU when several)",
     )
-    scheduler: str | None = None  # address of an existing scheduler, tcp://host:8786
-    gpus: tuple[int, ...] = ()  # GPUs to use; empty: all visible
-    retries: int = 1  # reruns of a failed layer task
+    scheduler: str | None = setting(
+        "none", None, doc="address of an existing scheduler, tcp://host:8786"
+    )
+    gpus: tuple[int, ...] = setting("none", (), doc="GPUs to use; empty: all visible")
+    retries: int = setting("none", 1, doc="reruns of a failed layer task")
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"schedule.workers = {self.workers}: must be >= 0 (0: automatic)")
+        if self.retries < 0:
+            raise ConfigError(f"schedule.retries = {self.retries}: must be >= 0")
+        if any(g < 0 for g in self.gpus):
+            raise ConfigError(f"schedule.gpus = {list(self.gpus)}: GPU indices are >= 0")
 
 
 @dataclass(frozen=True)
@@ -394,3 +532,52 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             )
         node[parts[-1]] = value
     return from_dict(data, source="--set")
+
+
+def store_identity(cfg: RunConfig, attack: str, norm: str, eps: float) -> dict[str, Any]:
+    """The settings that shape one (attack, norm) store: a rerun must match them to resume."""
+    ident = {f.name: shaping(getattr(cfg, f.name), "store") for f in fields(cfg)}
+    ident = {k: v for k, v in ident.items() if v}
+    ident["attack"] |= {"name": attack, "norm": norm, "eps": float(eps)}
+    return ident
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the settings that depend on each other; needs no data, model or attack.
+
+    Raises :class:`ConfigError` naming the key. Called before any work (see advlens.run).
+    """
+    from advlens.data import SOURCES
+    from advlens.embed import TSNEParams
+
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(
+            f"data.source = {cfg.data.source!r} is not a known dataset; {closest(cfg.data.source, SOURCES)}"
+        )
+    for seed in cfg.embed.seed_list:
+        for perp in cfg.embed.perplexity_list:
+            TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
+    points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
+    if cfg.overlap.k >= points:
+        raise ConfigError(
+            f"overlap.k = {cfg.overlap.k}: must be below the {points} points of a map "
+            f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
+        )
+    dropped = [k for k in cfg.overlap.k_sweep if k >= points]
+    if dropped:
+        log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
+    limit = max_perplexity(cfg.data.n)
+    for perp in cfg.embed.perplexity_list:
+        if perp > limit:
+            # Lowered in every engine alike; the row records it as perplexity_used.
+            log.warning(
+                "embed.perplexity = %g is too large for data.n = %d (%d points); the maps use "
+                "the largest allowed value, %.4g (recorded as perplexity_used)",
+                perp, cfg.data.n, points, limit,
+            )  # fmt: skip
+    return cfg
+
+
+def max_perplexity(n: int) -> float:
+    """The largest perplexity a joint map of ``n`` clean + ``n`` perturbed points allows."""
+    return (2 * n - 1) / 3.0

@@ -1,4 +1,4 @@
-"""Print every setting: its key, default, type and meaning (read from the config dataclasses).
+"""Print every setting: its key, default, type and meaning (read from the config dataclasses: each field's ``doc``).
 
 Each key can go into a TOML file under its [section] or onto the command line as
 ``--set section.key=value``. Given ``--config`` or ``--set``, a fourth column shows the value
@@ -13,11 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import io
 import json
-import tokenize
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -32,23 +28,6 @@ class Setting:
     doc: str
 
 
-def _field_docs(cls: type) -> dict[str, tuple[str, str]]:
-    """``name -> (annotation, comment)`` from the class source: a field's meaning is the
-    comment written on its line(s), so the dataclass stays the one place it is documented."""
-    src = inspect.getsource(cls)
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    out = {}
-    for node in ast.parse(src).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
-            doc = " ".join(comments[i] for i in lines if i in comments)
-            out[node.target.id] = (ast.unparse(node.annotation), doc)
-    return out
-
-
 def settings() -> list[Setting]:
     """Every ``section.key`` of :class:`~advlens.config.RunConfig`, in definition order."""
     from advlens.config import RunConfig
@@ -56,11 +35,12 @@ def settings() -> list[Setting]:
     out = []
     for section in fields(RunConfig):
         cls = section.default_factory  # type: ignore[misc]
-        docs = _field_docs(cls)
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            annotation, doc = docs[f.name]
-            out.append(Setting(f"{section.name}.{f.name}", default, annotation, doc))
+            annotation = (
+                f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            )
+            out.append(Setting(f"{section.name}.{f.name}", default, annotation, f.metadata["doc"]))
     return out
 
 

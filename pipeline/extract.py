@@ -50,6 +50,7 @@ def extract(
     """
     import torch
 
+    from advlens.attacks import check_finite
     from advlens.models.taps import tap_forward
     from advlens.progress import bar, expected_forwards, forward_ticks
 
@@ -85,6 +86,13 @@ def extract(
                 with torch.no_grad():
                     _, clean = tap_forward(model, x, layers, pool=pool)
                     _, adv = tap_forward(model, res.x_adv, layers, pool=pool)
+                for name in layers:  # before the cast: float16 would turn overflow into inf
+                    for which, acts_ in (("clean", clean), ("perturbed", adv)):
+                        check_finite(
+                            acts_[name],
+                            f"layer {name!r}: {which} activations of batch {batch}",
+                            dtype=store.dtype,
+                        )
                 acts = {name: (_host(clean[name], cast), _host(adv[name], cast)) for name in layers}
                 samples: dict[str, Any] = {
                     "index": dataset.index[r0:r1],

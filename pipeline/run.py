@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from advlens import __version__
-from advlens.config import RunConfig, load
+from advlens.config import RunConfig, load, shaping_keys, store_identity, validate
 from advlens.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,14 @@ def _has_results(run_dir: Path) -> bool:
 
 def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     from advlens.analyze import run_layer_task
-    from advlens.schedule import run_tasks
+    from advlens.models import fingerprint
+    from advlens.schedule import check_plan, run_tasks
 
+    # Every setting is checked before anything is deleted, loaded or attacked.
+    validate(cfg)
     _check_names(cfg)
+    s = cfg.schedule
+    check_plan(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus)
     timings: dict[str, float] = {}
     # Absolute paths: Dask workers may run in another working directory.
     run_dir = cfg.output.run_dir.resolve()
@@ -148,6 +153,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     model, data, device = _model_and_data(cfg, model, data)
     timings["model"] = time.perf_counter() - t
     layers, shapes, widths = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
+    model_id = fingerprint(cfg.model, model)
 
     t = time.perf_counter()
     samples = _pick_samples(cfg, model, data, device)
@@ -161,14 +167,14 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
         for norm in cfg.attack.norms:
             eps = cfg.attack.eps_for(norm, data.name)
             path = _attack_and_extract(
-                cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress
-            )
+                cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress,
+                model_id,
+            )  # fmt: skip
             stores.append((attack_name, norm, eps, path.resolve()))
     timings["attack+extract"] = time.perf_counter() - t
 
     tasks = _tasks(cfg, stores, layers, run_dir, device)
     t = time.perf_counter()
-    s = cfg.schedule
     rows = run_tasks(
         run_layer_task,
         tasks,
@@ -186,6 +192,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     from advlens.report import write_outputs
 
     provenance = _provenance(cfg, model, data, device, layers, shapes, timings)
+    provenance["model"] |= model_id
     write_outputs(run_dir, rows, layers, provenance)
     timings["report"] = time.perf_counter() - t
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
@@ -198,7 +205,8 @@ def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
     cat = catalog(model, in_shape)
     layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
     shapes = {info.name: info.shape for info in cat}
-    widths = {name: _width(shapes[name], cfg.layers.pool) for name in layers}
+    dims = {info.name: info.dim(cfg.layers.pool) for info in cat}
+    widths = {name: dims[name] for name in layers}
     return layers, shapes, widths
 
 
@@ -208,6 +216,11 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"
+    # openTSNE's result depends on its thread count: "all cores" is resolved here, once, so
+    # that every worker uses the same count and the task id records it.
+    embed_cfg = cfg.embed
+    if embed_cfg.n_jobs == -1:
+        embed_cfg = dataclasses.replace(embed_cfg, n_jobs=os.cpu_count() or 1)
     return [
         LayerTask(
             store=str(path),
@@ -220,7 +233,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
             engine=engine,
             seed=seed,
             perplexity=perp,
-            embed=cfg.embed,
+            embed=embed_cfg,
             overlap=cfg.overlap,
             device=task_device,
         )
@@ -306,7 +319,18 @@ def _check_names(cfg: RunConfig) -> None:
     """Fail before any work when an engine or attack named in ``cfg`` cannot run."""
     from advlens._optional import HINTS
     from advlens.embed import get_engine
+    from advlens.models import get_factory, resolve_device
 
+    get_factory(cfg.model.name)
+    resolve_device(cfg.model.device)
+    module, sep, _ = cfg.model.name.partition(":")
+    if sep and module not in ("torchvision", "timm") and not _importable(module):
+        raise ConfigError(
+            f"model.name = {cfg.model.name!r}: no module {module!r} on the Python path; "
+            "install it or fix the name (package.module:function)"
+        )
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        raise ConfigError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found")
     for name in cfg.embed.engine_names:
         if not get_engine(name).available():
             raise ConfigError(
@@ -342,6 +366,15 @@ def _clear_tasks(run_dir: Path) -> None:
             "overwrite: left %d file(s) advlens did not write: %s",
             len(left), ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""),
         )  # fmt: skip
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _model_and_data(cfg: RunConfig, model=None, data=None):
@@ -387,13 +420,17 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     """Seeded, class-stratified sample of ``data.n`` correctly classified images."""
     import torch
 
+    from advlens.attacks import check_finite
     from advlens.data import stratified_sample
 
     preds = []
     with torch.no_grad():
         for start in range(0, len(data.labels), 1000):
             x = torch.as_tensor(data.images[start : start + 1000], device=device)
-            preds.append(model(x).argmax(1).cpu().numpy())
+            logits = model(x)
+            # NaN logits would count as class 0: refuse them before any sample is picked.
+            check_finite(logits, f"model {cfg.model.name!r}: the logits of {data.name} images")
+            preds.append(logits.argmax(1).cpu().numpy())
     correct = np.flatnonzero(np.concatenate(preds) == data.labels)
     if len(correct) < cfg.data.n:
         raise ConfigError(
@@ -408,31 +445,18 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
 
 
 def _attack_and_extract(
-    cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress
+    cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress, model_id
 ) -> Path:
     from advlens.extract import extract
     from advlens.store import ActivationStore
 
     a = cfg.attack
     attack = build_attack(cfg, attack_name, norm, eps)
-    # Only what shapes the activations decides whether an existing store can be resumed.
+    # Only what shapes the activations (config.setting(shapes="store")) and the model's
+    # content decide whether an existing store can be resumed.
     full = cfg.to_dict()
-    identity = {
-        "data": full["data"],
-        "model": full["model"],
-        "attack": {
-            "name": attack_name,
-            "norm": norm,
-            "eps": eps,
-            "n_iter": a.n_iter,
-            "n_restarts": a.n_restarts,
-            "rho": a.rho,
-            "seed": a.seed,
-            "batch_size": a.batch_size,
-        },
-        "layers": full["layers"],
-        "dtype": cfg.output.dtype,
-    }
+    identity = store_identity(cfg, attack_name, norm, eps)
+    identity["model"] |= model_id
     attrs = {
         "config": identity,
         "run_config": full,
@@ -465,12 +489,6 @@ def _attack_and_extract(
     return path
 
 
-def _width(shape: tuple[int, ...], pool: str) -> int:
-    if pool == "gap" and len(shape) == 3:
-        return int(shape[0])
-    return int(np.prod(shape))
-
-
 def _slug(name: str) -> str:
     return name.replace(":", "-").replace("/", "-").lower()
 
@@ -499,4 +517,6 @@ def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, 
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "versions": libs,
         "timings": timings,
+        # What a change of setting invalidates (docs/design.md, "Settings and identity").
+        "shapes": {level: shaping_keys(cfg, level) for level in ("store", "task")},
     }

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("in-process", "scheduler", "local-cuda", "local-gpu", "local-cpu")
 CONNECT_TIMEOUT = "20s"  # how long to wait for an existing scheduler to answer
+TASK_THREADS = 1  # BLAS and torch CPU threads inside a task (see pinned_threads)
+PROBE_TIMEOUT = 2.0  # seconds: is anything listening at the scheduler's address at all?
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,27 @@ def plan_cluster(
     # LocalCUDACluster runs one worker per GPU; more workers than GPUs need our own cluster.
     kind = "local-cuda" if n <= len(ids) and _optional.has("dask_cuda") else "local-gpu"
     return ClusterPlan(kind, n, devices)
+
+
+def check_plan(
+    *, workers: int = 0, scheduler: str | None = None, gpus: Sequence[int] = ()
+) -> ClusterPlan:
+    """:func:`plan_cluster`, plus a quick check that a named scheduler listens (before any work).
+
+    Raises ConfigError for GPUs that do not exist or an address where nothing listens.
+    """
+    plan = plan_cluster(workers=workers, scheduler=scheduler, gpus=gpus)
+    if plan.kind == "scheduler" and plan.address and plan.address.startswith(("tcp://", "tls://")):
+        host, _, port = plan.address.split("://", 1)[1].rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT):
+                pass
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"schedule.scheduler = {plan.address!r}: nothing listens there ({exc}); start "
+                "one with `dask scheduler`, or fix --scheduler (host:port)"
+            ) from None
+    return plan
 
 
 def describe_cluster(
@@ -296,7 +320,8 @@ def _identity(task: Any, position: int) -> dict[str, Any]:
 def _call(fn: Callable[[Any], Mapping[str, Any]], task: Any, worker: str | None = None) -> dict:
     """Run one task (on a worker or in process) and add its timing and worker."""
     t0 = time.perf_counter()
-    out = fn(task)
+    with pinned_threads():
+        out = fn(task)
     seconds = time.perf_counter() - t0
     if not isinstance(out, Mapping):
         raise TypeError(f"the task function must return a dict, got {type(out).__name__}")
@@ -305,6 +330,26 @@ def _call(fn: Callable[[Any], Mapping[str, Any]], task: Any, worker: str | None 
     row["seconds_task"] = seconds
     row["worker"] = worker or _worker_address()
     return row
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int = TASK_THREADS) -> Iterator[None]:
+    """Run the block with ``n`` BLAS and torch CPU threads, then restore the previous counts.
+
+    Thread counts change floating-point sums (PCA's matrix products differ between one and
+    two BLAS threads); Dask workers start with one, so every task gets one wherever it runs.
+    t-SNE threads are the engine's own (``embed.n_jobs``, resolved once per run).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _worker_address() -> str:

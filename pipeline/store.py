@@ -54,8 +54,8 @@ SAMPLE_FIELDS = {
 RESERVED = ("advlens_version", "store_format", "status", "n", "batch_size", "dtype", "layers")
 # Caller attrs that decide what the store holds: a rerun must match them to resume.
 IDENTITY_KEYS = ("config", "model", "dataset", "attack")
-# Config parts that only affect later stages: changing them must not block a resume.
-RESUME_IGNORES = ("embed", "overlap", "schedule", "output.root", "output.name", "output.overwrite")
+# The caller's "config" attr holds only the settings that shape the store (advlens.config
+# store_identity), so every difference in it refuses a resume.
 _OVERWRITE_HINT = "pass --overwrite (overwrite=True) to delete it and start again"
 _RECOMPUTE_HINT = "rerun `advlens run` with the same settings: it writes the damaged batch again"
 
@@ -85,11 +85,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not d and prefix:
         out[prefix] = {}
     return out
-
-
-def _ignored(key: str) -> bool:
-    key = key.removeprefix("config.")
-    return any(key == p or key.startswith(p + ".") for p in RESUME_IGNORES)
 
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +196,7 @@ class ActivationStore:
             f"  {key.removeprefix('config.')}: {old_flat.get(key, '<absent>')!r} in the store, "
             f"{new_flat.get(key, '<absent>')!r} now"
             for key in sorted(set(old_flat) | set(new_flat))
-            if not _ignored(key) and old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>")
+            if old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>")
         ]
         for what, old, now in (
             ("n (samples)", self.n, n),

@@ -49,6 +49,9 @@ def randomize(model, seed=0):
     return model
 
 
+IDENTITY = {"lambda_1": "identity"}  # the test models' Lambda is x -> x, mapped explicitly
+
+
 def denser_like(lam=lambda t: t):
     """A functional model with every DENSER layer type, odd SAME paddings and a merge."""
     inp = keras.Input((32, 32, 3), name="input_1")
@@ -105,11 +108,13 @@ def test_keras3_file_matches_keras(keras3_file, inputs):
     model, path = keras3_file
     x, mean = inputs
     expected = keras_predict(model, x.transpose(0, 2, 3, 1) - mean)
-    net = load_denser(path, mean=mean, strip_softmax=False)
+    net = load_denser(path, mean=mean, strip_softmax=False, lambda_map=IDENTITY)
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy()
     assert np.abs(got - expected).max() < TOL
-    logits_net = load_denser(path, mean=mean)  # default: logits (softmax dropped)
+    logits_net = load_denser(
+        path, mean=mean, lambda_map=IDENTITY
+    )  # default: logits (softmax dropped)
     with torch.no_grad():
         probs = torch.softmax(logits_net(torch.from_numpy(x)), 1).numpy()
     assert np.abs(probs - expected).max() < TOL
@@ -119,7 +124,7 @@ def test_keras3_file_matches_keras(keras3_file, inputs):
 def test_every_tap_matches_keras_layer_output(keras3_file, inputs):
     model, path = keras3_file
     x, mean = inputs
-    net = load_denser(path, mean=mean)
+    net = load_denser(path, mean=mean, lambda_map=IDENTITY)
     infos = catalog(net, (3, 32, 32))
     names = select_layers(infos, ["all"], include_input=False)
     assert "dropout_1" not in names and "flatten_1" not in names
@@ -143,7 +148,7 @@ def test_every_tap_matches_keras_layer_output(keras3_file, inputs):
 def test_build_model_finds_mean_beside_file(keras3_file, inputs):
     model, path = keras3_file
     x, mean = inputs
-    cfg = ModelConfig("denser", checkpoint=str(path), device="cpu")
+    cfg = ModelConfig("denser", checkpoint=str(path), device="cpu", lambda_map=IDENTITY)
     mean_file = path.with_name(path.stem + ".mean.npy")
     try:
         with pytest.raises(ConfigError, match="per-pixel training mean"):
@@ -288,7 +293,7 @@ def test_keras2_layout_file(tmp_path, sequential):
     x = rng.random((3, 3, 16, 16), dtype=np.float32)
     mean = np.float32(0.47)
     expected = keras_predict(model, x.transpose(0, 2, 3, 1) - mean)
-    net = load_denser(path, mean=np.array([mean]), strip_softmax=False)
+    net = load_denser(path, mean=np.array([mean]), strip_softmax=False, lambda_map=IDENTITY)
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy()
     assert np.abs(got - expected).max() < TOL
@@ -334,11 +339,21 @@ def test_lambda_ops_are_recognised_without_running_code():
         }
 
     backend = None  # names only: the code is never executed
-    assert lambda_op(code_of(lambda x: x)) == "identity"
-    assert lambda_op(code_of(lambda x: backend.l2_normalize(x))) == "l2_normalize"
-    assert lambda_op(code_of(lambda x: backend.softmax(x))) == "softmax"
-    with pytest.raises(ConfigError, match="calls .*cumsum.*cannot map"):
-        lambda_op(code_of(lambda x: backend.cumsum(x, axis=1)))
+    # Never guessed from the code: x * 2 mentions no function, relu(x) * 0.5 only relu.
+    for fn, hint in (
+        (lambda x: x, "identity"),
+        (lambda x: x * 2, "identity"),
+        (lambda x: backend.relu(x) * 0.5, "relu"),
+        (lambda x: backend.cumsum(x, axis=1), "identity"),
+    ):
+        with pytest.raises(ConfigError, match="does not execute or guess") as exc:
+            lambda_op(code_of(fn))
+        msg = str(exc.value)
+        assert "l2_normalize, softmax, relu" in msg  # the known operations
+        assert f'model.lambda_map = {{ lambda_1 = "{hint}" }}' in msg
+    assert lambda_op(code_of(lambda x: x), "l2_normalize") == "l2_normalize"  # mapped
+    with pytest.raises(ConfigError, match="lambda_map.lambda_1 = 'cumsum': not a known"):
+        lambda_op(code_of(lambda x: x), "cumsum")
     x = torch.randn(2, 5, 3, 3)
     ref = x.numpy() / np.sqrt(np.maximum((x.numpy() ** 2).sum(1, keepdims=True), 1e-12))
     assert np.abs(_l2_normalize(x).numpy() - ref).max() < 1e-6
@@ -349,6 +364,55 @@ def test_unknown_keras3_lambda_is_refused(tmp_path):
     path = save_h5(model, tmp_path / "odd.h5")
     with pytest.raises(ConfigError, match="lambda_1.*cumsum"):
         load_denser(path, mean="none")
+    with pytest.raises(ConfigError, match=r"lambda_map names \['lambda_9'\]"):
+        load_denser(path, mean="none", lambda_map={"lambda_1": "identity", "lambda_9": "relu"})
+
+
+def _h5_with_config(src, dst, model_config=None, drop=None, kernel=None):
+    """A copy of the Keras file ``src`` with its architecture or weights damaged.
+
+    ``kernel=(layer, axis)``: that layer's kernel grows by one along ``axis``.
+    """
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        if model_config is not None:
+            f.attrs["model_config"] = model_config
+        root = f["model_weights"] if "model_weights" in f else f
+        if drop:
+            del root[drop]
+        if kernel:
+            layer, axis = kernel
+            group = root[layer]
+            names = [w.decode() if isinstance(w, bytes) else w for w in group.attrs["weight_names"]]
+            wname = next(w for w in names if "kernel" in w)
+            shape = list(group[wname].shape)
+            shape[axis] += 1
+            del group[wname]
+            group[wname] = np.zeros(shape, np.float32)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ({"model_config": "{not json"}, "'model_config' is not valid JSON"),
+        ({"model_config": "[1, 2]"}, "is a JSON list, not a Keras model config"),
+        ({"model_config": '{"class_name": "Functional", "config": 3}'}, "with a list of layers"),
+        ({"drop": "conv2d_1"}, "layer 'conv2d_1' (Conv2D) does not match its weights"),
+        ({"kernel": ("conv2d_1", -1)}, "layer 'conv2d_1' (Conv2D) does not match its weights"),
+        ({"kernel": ("dense_1", 0)}, "the layers do not fit together"),
+    ],
+)
+def test_malformed_keras_files_are_refused_clearly(keras3_file, tmp_path, damage, needle):
+    _, path = keras3_file
+    bad = _h5_with_config(path, tmp_path / "bad.h5", **damage)
+    with pytest.raises(ConfigError) as exc:
+        load_denser(bad, mean="none", lambda_map=IDENTITY)
+    assert needle in str(exc.value) and str(bad) in str(exc.value)
 
 
 def test_bad_files(tmp_path):

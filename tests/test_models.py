@@ -341,6 +341,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
             10,
         )
     assert "weights_only=True" in str(exc.value) and "state_dict()" in str(exc.value)
+    assert "not a weights-only file" in str(exc.value) and "open)" in str(exc.value)
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):  # what a plain torch.load would let through
         torch.load(path, weights_only=True)

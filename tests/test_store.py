@@ -290,10 +290,10 @@ def test_put_validates_batches(tmp_path):
 def test_same_config_reopens_and_keeps_data(tmp_path):
     store, samples, acts = _make(tmp_path, n=50, batch_size=16)
     _fill(store, samples, acts, batches=[0, 1])
-    # A setting of a later stage (embed) does not block a resume.
+    # Attrs outside the identity keys (the full run config) do not block a resume.
     again = ActivationStore.create(
         store.path, n=50, layers={"input": 40, "conv1": 24}, batch_size=16, dtype="float16",
-        attrs=_attrs(embed__p=50),
+        attrs=_attrs() | {"run_config": {"embed": {"p": 50}}},
     )  # fmt: skip
     assert again.completed_batches().tolist() == [True, True, False, False]
 

@@ -98,6 +98,33 @@ def check_seed(seed: Any) -> int:
         raise ConfigError(f"attack seed = {seed!r}: must be an integer") from None
 
 
+FLOAT16_MAX = 65504.0
+
+
+def check_finite(t: torch.Tensor, what: str, *, dtype: str | None = None) -> None:
+    """Refuse NaN or infinite values in ``t`` (B, ...), counting the samples that hold them.
+
+    With ``dtype="float16"``, values beyond float16's range (|x| > 65504, which would be
+    stored as inf) are refused too, with the hint to store float32.
+    """
+    if t.numel() == 0:
+        return
+    flat = t.detach().reshape(len(t), -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if bool(bad.any()):
+        raise ConfigError(
+            f"{what} hold NaN or infinite values for {int(bad.sum())} of {len(t)} samples; "
+            "the model (or its checkpoint) is broken: check model.checkpoint"
+        )
+    if dtype == "float16" and flat.numel():
+        big = (flat.abs() > FLOAT16_MAX).any(dim=1)
+        if bool(big.any()):
+            raise ConfigError(
+                f"{what} exceed float16's range (|x| > 65504) for {int(big.sum())} of {len(t)} "
+                f'samples (largest {float(flat.abs().max()):.4g}); set output.dtype = "float32"'
+            )
+
+
 def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample ``norm`` of ``delta`` (B, ...) as float32 (B,)."""
     flat = delta.flatten(1).float()
@@ -179,6 +206,7 @@ class Attack:
             model, x, y = self._prepare(model, x, y)
             with torch.no_grad():
                 clean_logits = self.logits(model, x)
+            check_finite(clean_logits, f"attack {self.name}: the clean forward's logits")
             n_classes = clean_logits.shape[1]
             if n_classes < self.min_classes:
                 raise ConfigError(

@@ -105,9 +105,19 @@ class TSNEParams:
 
     @classmethod
     def from_config(cls, cfg, **overrides: Any) -> TSNEParams:
-        """Parameters from an :class:`advlens.config.EmbedConfig` (first seed and perplexity)."""
-        base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
-        return cls(**(base | overrides))
+        """Parameters from an :class:`advlens.config.EmbedConfig` (first seed and perplexity).
+
+        Reads the config's task-shaping settings (see :func:`advlens.config.shaping`), so a
+        t-SNE setting that would not change the task id cannot reach an engine.
+        """
+        from advlens.config import shaping
+
+        base = shaping(cfg, "task", spread=True)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(base)
+        if missing:  # a programming error: the config must declare these as shaping a task
+            raise TypeError(f"{type(cfg).__name__} lacks task settings {sorted(missing)}")
+        return cls(**({k: v for k, v in base.items() if k in names} | overrides))
 
 
 @dataclass(frozen=True)

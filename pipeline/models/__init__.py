@@ -8,6 +8,7 @@ Every model built here takes images in [0, 1]; normalisation lives inside the mo
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import pickle
 import re
@@ -92,6 +93,30 @@ def resolve_device(name: str = "auto"):
     return device
 
 
+def fingerprint(cfg, model) -> dict[str, str]:
+    """Content hashes that identify a built model, for the store's identity.
+
+    ``weights_sha256`` hashes every tensor of the state dict (names, dtypes, shapes, bytes),
+    wherever the weights came from (a checkpoint, the trained cache, a Keras file); for a
+    ``module:factory`` model, ``source_sha256`` hashes the module's source file.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    out = {"weights_sha256": h.hexdigest()}
+    module_name, sep, _ = cfg.name.partition(":")
+    if sep and module_name not in ("torchvision", "timm"):
+        module = importlib.import_module(module_name)
+        source = getattr(module, "__file__", None)
+        if source and Path(source).is_file():
+            out["source_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return out
+
+
 # Wrappers in which training scripts save a state dict; prefixes DataParallel / wrappers add.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PREFIXES = ("module.", "model.")
@@ -110,15 +135,19 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch's wording changes between releases ("Unsupported global: GLOBAL x.y" in 2.4,
+        # "Weights only load failed ... unsupported GLOBAL x.y whose module ..." later).
+        text = str(exc)
+        found = re.search(r"GLOBAL\s+([\w.]+)", text, flags=re.IGNORECASE)
         if found is None:
             raise ConfigError(
                 f"model.checkpoint = {str(path)!r}: not a torch checkpoint (unreadable pickle)"
             ) from None
         raise ConfigError(
-            f"model.checkpoint = {str(path)!r} holds pickled code or objects ({found.group(1)}), "
-            "which advlens refuses to load (torch.load with weights_only=True). Save a plain "
-            "state dict instead: torch.save(model.state_dict(), path)"
+            f"model.checkpoint = {str(path)!r} is not a weights-only file: it holds pickled "
+            f"code or objects ({found.group(1)}), which advlens refuses to load (torch.load with "
+            "weights_only=True). Save a plain state dict instead: "
+            "torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ConfigError(

@@ -276,11 +276,11 @@ _BENIGN = {"backend", "keras", "tensorflow", "ops", "self", "inputs", "input", "
 
 
 class LambdaOp(nn.Module):
-    """A Keras Lambda layer mapped to a known operation (identity when it calls nothing)."""
+    """A Keras Lambda layer mapped to a known operation (``model.lambda_map`` or its name)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, mapped: str | None = None):
         super().__init__()
-        self.op = lambda_op(cfg)
+        self.op = lambda_op(cfg, mapped)
         self.fn = _LAMBDA_OPS[self.op]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,13 +317,22 @@ def _marshal_identifiers(raw: bytes) -> set[str]:
     return found
 
 
-def lambda_op(cfg: dict) -> str:
-    """The known op a serialized Lambda function refers to, found without executing it."""
+def lambda_op(cfg: dict, mapped: str | None = None) -> str:
+    """The known op of a Lambda layer: ``mapped`` (from ``model.lambda_map``), else the name of
+    a Keras 3 named function. Lambda code is never executed nor guessed from: the names it
+    mentions only suggest a mapping in the error (``x * 2`` mentions none, ``relu(x) * 0.5``
+    only relu)."""
+    name = cfg.get("name")
+    known = ", ".join(_LAMBDA_OPS)
+    if mapped is not None:
+        if mapped not in _LAMBDA_OPS:
+            raise ConfigError(
+                f"model.lambda_map.{name} = {mapped!r}: not a known operation; known: {known}"
+            )
+        return mapped
     fn = cfg.get("function")
     if cfg.get("arguments"):
-        raise ConfigError(
-            f"Lambda {cfg.get('name')!r} takes arguments {cfg['arguments']}; not supported"
-        )
+        raise ConfigError(f"Lambda {name!r} takes arguments {cfg['arguments']}; not supported")
     if isinstance(fn, dict) and isinstance(fn.get("config"), dict):  # Keras 3 __lambda__
         code = fn["config"].get("code", "")
     elif isinstance(fn, dict):  # Keras 3 named function
@@ -336,6 +345,8 @@ def lambda_op(cfg: dict) -> str:
         isinstance(fn, dict) and fn.get("class_name") == "function"
     ):
         names = {code.rsplit(".", 1)[-1]}  # a named function: its name is all there is
+        if len(names & set(_LAMBDA_OPS)) == 1:
+            return names.pop()
     else:
         try:
             raw = base64.b64decode(code, validate=False)
@@ -343,13 +354,13 @@ def lambda_op(cfg: dict) -> str:
             raw = b""
         names = _marshal_identifiers(raw) - _BENIGN
     ops = sorted(n for n in names if n in _LAMBDA_OPS)
-    unknown = sorted(n for n in names if n not in _LAMBDA_OPS)
-    if unknown or len(ops) > 1:
-        raise ConfigError(
-            f"Lambda layer {cfg.get('name')!r} calls {', '.join(unknown or ops)}, which advlens cannot "
-            f"map to a torch operation (known: identity, {', '.join(k for k in _LAMBDA_OPS if k != 'identity')})"
-        )
-    return ops[0] if ops else "identity"
+    calls = ", ".join(sorted(names)) or "no known function"
+    guess = ops[0] if len(ops) == 1 and len(names) == 1 else "identity"
+    raise ConfigError(
+        f"Lambda layer {name!r} runs Python code (it mentions {calls}) that advlens does not "
+        f"execute or guess. If it computes one of the known operations ({known}), say which: "
+        f'model.lambda_map = {{ {name} = "{guess}" }} (or --set model.lambda_map.{name}={guess})'
+    )
 
 
 # --------------------------------------------------------------------------- the graph
@@ -395,12 +406,15 @@ def _layers_of(config: dict) -> tuple[list[dict], bool]:
     cls = config.get("class_name")
     inner = config.get("config")
     if cls == "Sequential":
-        layers = inner if isinstance(inner, list) else inner.get("layers", [])
-        return layers, True
-    if cls in ("Model", "Functional"):
-        return inner["layers"], False
+        layers = inner if isinstance(inner, list) else (inner or {}).get("layers", [])
+        if isinstance(layers, list):
+            return layers, True
+    if cls in ("Model", "Functional") and isinstance(inner, dict):
+        if isinstance(inner.get("layers"), list):
+            return inner["layers"], False
     raise ConfigError(
-        f"model config of class {cls!r}: expected a Keras Sequential or functional Model"
+        f"model config of class {cls!r}: expected a Keras Sequential or functional Model "
+        "with a list of layers"
     )
 
 
@@ -452,13 +466,21 @@ def _input_shape(layer: dict) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape[1:]) if shape else None
 
 
-def load_denser(path: str | Path, mean=None, *, strip_softmax: bool = True) -> KerasNet:
+def load_denser(
+    path: str | Path,
+    mean=None,
+    *,
+    strip_softmax: bool = True,
+    lambda_map: dict[str, str] | None = None,
+) -> KerasNet:
     """Read a DENSER (or any supported Keras) HDF5 file into a :class:`KerasNet` in eval mode.
 
     ``mean``: the per-pixel training mean subtracted from [0, 1] images, as an array or .npy
     path, shaped (H, W, C) as Keras keeps it, (C, H, W), (C,) or a scalar; ``"none"`` for no
     preprocessing; None: look beside the file (``<stem>.mean.npy``, ``mean.npy``) or in it
-    (a dataset named ``mean``).
+    (a dataset named ``mean``). ``lambda_map``: Lambda layer name -> known operation.
+    A malformed file (architecture not JSON, weights missing or of the wrong shape) raises
+    ConfigError naming the file and the layer.
     """
     from advlens._optional import require
 
@@ -476,10 +498,24 @@ def load_denser(path: str | Path, mean=None, *, strip_softmax: bool = True) -> K
                 f"{path}: no 'model_config' attribute; a weights-only file has no architecture "
                 "(save the whole model: model.save('net.h5'))"
             )
-        config = json.loads(_decode(h5.attrs["model_config"]))
-        layers, sequential = _layers_of(config)
+        try:
+            config = json.loads(_decode(h5.attrs["model_config"]))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: 'model_config' is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"{path}: 'model_config' is a JSON {type(config).__name__}, not a Keras model "
+                "config (an object with class_name and config)"
+            )
+        lambda_map = dict(lambda_map or {})
+        try:
+            layers, sequential = _layers_of(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         nodes, prev, input_name, in_shape = [], None, None, None
         for i, layer in enumerate(layers):
+            if not isinstance(layer, dict) or "class_name" not in layer:
+                raise ConfigError(f"{path}: layer {i} of 'model_config' has no class_name")
             kind, cfg = layer["class_name"], layer.get("config", {})
             name = cfg.get("name") or layer.get("name") or f"layer_{i}"
             if kind == "InputLayer":
@@ -488,8 +524,23 @@ def load_denser(path: str | Path, mean=None, *, strip_softmax: bool = True) -> K
             if input_name is None:  # Keras 2 Sequential: the first layer carries the input shape
                 input_name, in_shape, prev = "input", _input_shape(layer), "input"
             inputs = [prev] if sequential else _inbound(layer)
-            nodes.append((name, kind, _convert(kind, cfg, lambda n=name: _weights(h5, n)), inputs))
+            mapped = lambda_map.pop(name, None) if kind == "Lambda" else None
+            try:
+                module = _convert(kind, cfg, lambda n=name: _weights(h5, n), mapped)
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(
+                    f"{path}: layer {name!r} ({kind}) does not match its weights in the file "
+                    f"({type(exc).__name__}: {exc}); the file is damaged or not a Keras model"
+                ) from None
+            nodes.append((name, kind, module, inputs))
             prev = name
+        if lambda_map:
+            raise ConfigError(
+                f"model.lambda_map names {sorted(lambda_map)}, which are not Lambda layers of "
+                f"{path.name}"
+            )
         stored_mean = np.asarray(h5["mean"], np.float32) if "mean" in h5 else None
     if in_shape is None or len(in_shape) != 3:
         raise ConfigError(f"{path}: model input shape {in_shape} is not an (H, W, C) image")
@@ -502,11 +553,19 @@ def load_denser(path: str | Path, mean=None, *, strip_softmax: bool = True) -> K
         _strip_softmax(nodes, output)
     h, w, c = in_shape
     m = _resolve_mean(mean, path, stored_mean, (c, h, w))
-    net = KerasNet(nodes, input_name, output, (c, h, w), m)
-    return net.eval()
+    net = KerasNet(nodes, input_name, output, (c, h, w), m).eval()
+    try:  # a kernel of the wrong shape shows only when data flows through it
+        with torch.no_grad():
+            net(torch.zeros(1, c, h, w))
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+        raise ConfigError(
+            f"{path}: the layers do not fit together ({type(exc).__name__}: {exc}); a weight "
+            "in the file has the wrong shape, or the file is damaged"
+        ) from None
+    return net
 
 
-def _convert(kind: str, cfg: dict, weights) -> nn.Module:
+def _convert(kind: str, cfg: dict, weights, mapped: str | None = None) -> nn.Module:
     if cfg.get("data_format", "channels_last") != "channels_last":
         raise ConfigError(
             f"layer {cfg.get('name')!r}: only channels_last Keras models are supported"
@@ -528,7 +587,7 @@ def _convert(kind: str, cfg: dict, weights) -> nn.Module:
     if kind == "Flatten":
         return Flatten()
     if kind == "Lambda":
-        return LambdaOp(cfg)
+        return LambdaOp(cfg, mapped)
     if kind == "Concatenate":
         return Concat(cfg)
     raise ConfigError(
@@ -603,7 +662,11 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
             "model.name = 'denser' needs model.checkpoint: the network's Keras .h5/.hdf5 file"
         )
     mean = getattr(cfg, "mean", None)
-    net = load_denser(cfg.checkpoint, mean if mean else (None if weights else "none"))
+    net = load_denser(
+        cfg.checkpoint,
+        mean if mean else (None if weights else "none"),
+        lambda_map=getattr(cfg, "lambda_map", None),
+    )
     if tuple(net.in_shape) != tuple(in_shape):
         raise ConfigError(
             f"DENSER model {cfg.checkpoint} takes images {net.in_shape}, the dataset has {tuple(in_shape)}"
