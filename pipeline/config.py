@@ -542,15 +542,18 @@ def store_identity(cfg: RunConfig, attack: str, norm: str, eps: float) -> dict[s
     return ident
 
 
-def validate(cfg: RunConfig) -> RunConfig:
+def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
     """Check the settings that depend on each other; needs no data, model or attack.
 
-    Raises :class:`ConfigError` naming the key. Called before any work (see advlens.run).
+    ``data_given``: the caller passes its own images (the Python API), so ``data.source``
+    names no dataset to load. Raises :class:`ConfigError` naming the key. Called before any
+    work (see advlens.run).
     """
     from advlens.data import SOURCES
     from advlens.embed import TSNEParams
+    from advlens.kernels.metrics import auto_k
 
-    if cfg.data.source not in SOURCES:
+    if not data_given and cfg.data.source not in SOURCES:
         raise ConfigError(
             f"data.source = {cfg.data.source!r} is not a known dataset; {closest(cfg.data.source, SOURCES)}"
         )
@@ -558,9 +561,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         for perp in cfg.embed.perplexity_list:
             TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
     points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
-    if cfg.overlap.k >= points:
+    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
+    if k >= points:
         raise ConfigError(
-            f"overlap.k = {cfg.overlap.k}: must be below the {points} points of a map "
+            f"overlap.k = {k}: must be below the {points} points of a map "
             f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
         )
     dropped = [k for k in cfg.overlap.k_sweep if k >= points]

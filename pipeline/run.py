@@ -140,8 +140,8 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     from advlens.schedule import check_plan, run_tasks
 
     # Every setting is checked before anything is deleted, loaded or attacked.
-    validate(cfg)
-    _check_names(cfg)
+    validate(cfg, data_given=data is not None)
+    _check_names(cfg, model_given=model is not None)
     s = cfg.schedule
     check_plan(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus)
     timings: dict[str, float] = {}
@@ -315,21 +315,26 @@ def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
     )  # fmt: skip
 
 
-def _check_names(cfg: RunConfig) -> None:
-    """Fail before any work when an engine or attack named in ``cfg`` cannot run."""
+def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
+    """Fail before any work when an engine or attack named in ``cfg`` cannot run.
+
+    ``model_given``: the caller passes its own ``nn.Module`` (the Python API), so
+    ``model.name`` only labels it.
+    """
     from advlens._optional import HINTS
     from advlens.embed import get_engine
     from advlens.models import get_factory, resolve_device
 
-    get_factory(cfg.model.name)
     resolve_device(cfg.model.device)
+    if not model_given:
+        get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
-    if sep and module not in ("torchvision", "timm") and not _importable(module):
+    if not model_given and sep and module not in ("torchvision", "timm") and not _importable(module):
         raise ConfigError(
             f"model.name = {cfg.model.name!r}: no module {module!r} on the Python path; "
             "install it or fix the name (package.module:function)"
         )
-    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+    if not model_given and cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint = {cfg.model.checkpoint!r}: file not found")
     for name in cfg.embed.engine_names:
         if not get_engine(name).available():
@@ -370,6 +375,10 @@ def _clear_tasks(run_dir: Path) -> None:
 
 def _importable(module: str) -> bool:
     import importlib.util
+
+    from advlens.models.user import cwd_importable
+
+    cwd_importable()  # found there at build time too
 
     try:
         return importlib.util.find_spec(module) is not None

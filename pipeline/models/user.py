@@ -51,16 +51,21 @@ def _call(factory, n_classes: int, where: str) -> nn.Module:
     return model
 
 
+def cwd_importable() -> None:
+    """Put the current directory on ``sys.path``: `advlens` is a console script, whose path
+    lacks it, and a user's my_model.py beside their data is found as `my_model:factory`, as
+    with `python -m`."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
     """Build ``cfg.name`` = ``module:factory`` / ``torchvision:name`` / ``timm:name``."""
     module_name, _, attr = cfg.name.partition(":")
     if module_name in ("torchvision", "timm"):
         model = _hub(module_name, attr, n_classes)
     else:
-        # `advlens` is a console script, whose sys.path lacks the current directory; a user's
-        # my_model.py beside their data is found as `my_model:factory`, as with `python -m`.
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
+        cwd_importable()
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
