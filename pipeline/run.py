@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     """Run every stage of ``cfg`` and return the metrics rows; resumes a killed run."""
     from advlens.analyze import LayerTask, run_layer_task
-    from advlens.schedule import run_tasks
+    from advlens.schedule import plan_cluster, release_device, run_tasks
 
     _check_names(cfg)
     timings: dict[str, float] = {}
@@ -148,6 +148,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     ]
     t = time.perf_counter()
     s = cfg.schedule
+    if plan_cluster(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus).kind != "in-process":
+        model = release_device(model, device)  # GPU workers get the driver's GPU memory back
     rows = run_tasks(
         run_layer_task,
         tasks,
@@ -206,7 +208,9 @@ def _model_and_data(cfg: RunConfig):
     from advlens.models import build_model
     from advlens.reduce import resolve_device
 
-    device = resolve_device(cfg.model.device)
+    from advlens.schedule import driver_device
+
+    device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
     data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     model = build_model(cfg.model, data.name, tuple(data.images.shape[1:]), len(data.classes))
     model = model.to(device).eval()
