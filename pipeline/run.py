@@ -207,7 +207,6 @@ def _model_and_data(cfg: RunConfig):
     from advlens.data import load_dataset
     from advlens.models import build_model
     from advlens.reduce import resolve_device
-
     from advlens.schedule import driver_device
 
     device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)

@@ -273,7 +273,7 @@ def _fake_cuml(monkeypatch, version: str, *, deprecated_n_iter: bool):
                      n_iter="deprecated", **kwargs):  # fmt: skip
             if n_iter != "deprecated":
                 assert deprecated_n_iter
-                warnings.warn("n_iter was deprecated in 25.12, use max_iter", FutureWarning)
+                warnings.warn("n_iter is deprecated, use max_iter", FutureWarning, stacklevel=2)
             seen.update(kwargs, max_iter=max_iter, n_neighbors=n_neighbors)
             self.graph = precomputed_knn
             self.n_neighbors = n_neighbors
