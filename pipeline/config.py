@@ -115,7 +115,7 @@ class LayersConfig:
 class EmbedConfig:
     """Dimensionality reduction and t-SNE settings, shared by every engine."""
 
-    engine: str = "opentsne"
+    engine: str = "auto"  # advlens' torch engine on a CUDA GPU, openTSNE otherwise
     engines: tuple[str, ...] = ()  # several engines; empty: (engine,)
     pca_dims: int = 50
     perplexity: float = 30.0
