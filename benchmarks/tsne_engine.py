@@ -93,6 +93,7 @@ def run_torch(x: np.ndarray, args, device: str) -> dict:
         n_iter=args.n_iter,
         early_exaggeration_iter=args.ee_iter,
         learning_rate=len(x) / 12,
+        compile=args.compile,
     )
     xy = res.y.cpu().numpy()
     return {
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--recall-sample", type=int, default=10_000, help="query points for recall@10")
     ap.add_argument("--skip-opentsne", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the fused pieces")
     ap.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
                     help="auto: Fashion-MNIST up to 70,000 points (when present), synthetic above")  # fmt: skip
     ap.add_argument(
