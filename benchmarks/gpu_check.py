@@ -3,8 +3,8 @@
 Phases, each a subprocess under its own time cap, all inside ``TOTAL_CAP`` seconds (9 min):
 
 0. ``install``: the wheels in ``.whl/`` (``make gpu-wheels`` fetched them here) go offline into
-   ``/tmp/site``, and a copy of advlens (``pipeline/`` as ``advlens``, ``kernels/`` inside it)
-   beside them; every later phase runs with ``PYTHONPATH=/tmp/site``.
+   ``/tmp/site``, and a copy of advlens (``pipeline/`` as ``advlens``, ``kernels/`` inside it,
+   ``configs/`` beside it) with them; every later phase runs with ``PYTHONPATH=/tmp/site``.
 1. ``pytest-gpu``: ``pytest -m gpu``.
 2. ``tsne-70k``: benchmarks/tsne_engine.py at 70,000 points (Fashion-MNIST where present,
    else the synthetic mixture), against openTSNE.
@@ -99,6 +99,9 @@ def install() -> dict:
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "pipeline", target, ignore=skip)
     shutil.copytree(ROOT / "kernels", target / "kernels", ignore=skip)
+    # advlens.config finds configs/default.toml beside the package folder
+    shutil.rmtree(SITE / "configs", ignore_errors=True)
+    shutil.copytree(ROOT / "configs", SITE / "configs")
     return {"status": "ok", "wheels": len(wheels), "output": log,
             "seconds": time.perf_counter() - t}  # fmt: skip
 
