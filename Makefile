@@ -13,7 +13,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # takes the default (CUDA) build instead.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
 
-.PHONY: robust-vs-standard all-layers test test-all setup data browser lint bench clean help
+.PHONY: robust-vs-standard all-layers test test-all setup data browser lint bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
@@ -21,6 +21,8 @@ help:
 	@echo "make robust-vs-standard  adversarially trained vs standard small CNN -> runs/robust-vs-standard/"
 	@echo "make lint         ruff"
 	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
+	@echo "make gpu-wheels   fetch the wheels a bare GPU machine lacks -> .whl/ (needs PyPI)"
+	@echo "make gpu-check    on one GPU, offline: pytest -m gpu + GPU benchmarks (dry run without one)"
 	@echo "options: CONFIG=file.toml GPUS=0,1 WORKERS=N ARGS='--set data.n=200'"
 
 setup: $(VENV)/.installed data
@@ -88,6 +90,23 @@ bench: setup
 	$(BIN)/python benchmarks/store_throughput.py
 	$(BIN)/python benchmarks/schedule_scaling.py
 	$(BIN)/advlens bench tsne --engines sklearn,opentsne --n 2000 --out benchmarks/results/tsne_engines_small.json
+
+# The GPU machine (torch 2.11 CUDA 13, CuPy 14, SciPy, scikit-learn, dask's and foolbox's small
+# shared deps, Python 3.12, no network) lacks these: the versions this venv runs, one of each.
+GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 google-crc32c==1.9.0 donfig==0.8.1.post1 \
+  dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2 \
+  tornado==6.6.1 zict==3.0.0 openTSNE==1.0.4 foolbox==3.3.4 eagerpy==0.30.0 \
+  GitPython==3.2.1 gitdb==4.0.12 smmap==5.0.3
+GPU_PLATFORMS := $(foreach n,1 2014 _2_17 _2_27 _2_28,--platform manylinux$(n)_x86_64)
+
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@du -sh .whl
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from advlens._env import device_name
+from advlens.errors import AdvlensError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -57,9 +58,25 @@ def load_fashion_mnist() -> np.ndarray:
 def pca50(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     from sklearn.decomposition import PCA
 
+    if n > len(images):  # never cut silently: the caller picks synthetic data instead
+        raise ValueError(f"pca50: {n} points asked, the images have {len(images)}")
     rows = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
     pca = PCA(50, svd_solver="randomized", random_state=seed)
     return pca.fit_transform(images[rows]).astype(np.float32)
+
+
+def points(n: int, data: str, seed: int, images) -> tuple[np.ndarray, str]:
+    """(x (n, 50), what it is): Fashion-MNIST after PCA to 50, or the synthetic mixture of
+    ``advlens.bench.synthetic_clusters`` (``auto``: where n exceeds the 70,000 images or they
+    are not on this machine). The returned x always has exactly n rows."""
+    from advlens.bench import synthetic_clusters
+
+    if data == "fashion-mnist" or (data == "auto" and images is not None and n <= len(images)):
+        if images is None or n > len(images):
+            have = 0 if images is None else len(images)
+            raise SystemExit(f"--data fashion-mnist: {n} points asked, {have} images here")
+        return pca50(images, n, seed), "fashion-mnist train+test, seeded subset, PCA 50"
+    return synthetic_clusters(n, seed=seed)[0], "synthetic: 10 Gaussian clusters in 50-D"
 
 
 def run_torch(x: np.ndarray, args, device: str) -> dict:
@@ -76,6 +93,7 @@ def run_torch(x: np.ndarray, args, device: str) -> dict:
         n_iter=args.n_iter,
         early_exaggeration_iter=args.ee_iter,
         learning_rate=len(x) / 12,
+        compile=args.compile,
     )
     xy = res.y.cpu().numpy()
     return {
@@ -86,6 +104,7 @@ def run_torch(x: np.ndarray, args, device: str) -> dict:
         "recall10": recall_at_k(x, xy, k=10, sample=args.recall_sample, seed=args.seed),
         "kl": res.kl[-1][1],
         "repulsion": res.method,
+        "knn": res.knn,
     }
 
 
@@ -137,6 +156,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--recall-sample", type=int, default=10_000, help="query points for recall@10")
     ap.add_argument("--skip-opentsne", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the fused pieces")
+    ap.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
+                    help="auto: Fashion-MNIST up to 70,000 points (when present), synthetic above")  # fmt: skip
     ap.add_argument(
         "--out", type=Path, help="JSON path (default benchmarks/results/tsne_engine_<device>.json)"
     )
@@ -148,20 +170,26 @@ def main(argv=None) -> int:
     sizes = args.n or ([10_000, 70_000] if device.startswith("cuda") else [5000])
     torch.set_num_threads(args.threads)
     name = device_name(device)
-    images = load_fashion_mnist()
+    try:
+        images = None if args.data == "synthetic" else load_fashion_mnist()
+    except (OSError, ValueError, AdvlensError) as exc:  # no dataset on this machine
+        if args.data == "fashion-mnist":
+            raise
+        print(f"Fashion-MNIST not available ({exc}); using synthetic data")
+        images = None
     if device.startswith("cuda"):  # warm-up: CUDA context, cuFFT plans, allocator
         from advlens.kernels import tsne as T
 
         T.tsne(
-            torch.tensor(pca50(images, 3000, 1), device=device),
+            torch.tensor(points(3000, args.data, 1, images)[0], device=device),
             n_iter=30,
             early_exaggeration_iter=10,
         )
 
     runs = []
     for n in sizes:
-        x = pca50(images, n, args.seed)
-        row: dict = {"n": n, "torch": run_torch(x, args, device)}
+        x, what = points(n, args.data, args.seed, images)
+        row: dict = {"n": len(x), "data": what, "torch": run_torch(x, args, device)}
         if not args.skip_opentsne:
             row["opentsne"] = run_opentsne(x, args)
             ours, ref = row["torch"], row["opentsne"]
@@ -201,7 +229,7 @@ def main(argv=None) -> int:
             "perplexity": args.perplexity,
             "seed": args.seed,
             "recall_sample": args.recall_sample,
-            "data": "fashion-mnist train+test, seeded subset, PCA 50 (randomized)",
+            "data": args.data + " (per run: runs[i].data)",
         },
         "runs": runs,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -2,8 +2,10 @@
 
 Everything runs in float32 on ``x.device`` (CPU for tests, CUDA for speed):
 
-- :func:`exact_knn`: row chunks of the distance matrix (never n x n at once) + ``topk``, the
-  chosen neighbours' distances recomputed exactly (no cancellation from the matmul identity).
+- :func:`knn_graph`: the affinity graph's neighbours, chosen by size (:func:`choose_knn`):
+  :func:`exact_knn` (``advlens.kernels.bruteforce``: blocked Gram scores with a running top-k,
+  over-fetched candidates re-ranked in float64 and certified, so "exact" is exact) up to
+  ``EXACT_KNN_MAX_N`` points, the IVF search of ``advlens.kernels.ivf`` (recall >= 0.99) above.
 - :func:`conditional_p`: per-point precision by vectorised bisection to the target perplexity
   (openTSNE's schedule: double/halve until bracketed, then bisect; tolerance on the entropy).
 - :func:`joint_p`: P = (P + P^T) / 2 normalised to sum 1, as CSR index arrays.
@@ -41,35 +43,51 @@ def _budget(device: torch.device, *, gpu: int = 1 << 26, cpu: int = 1 << 22) -> 
 # ----------------------------------------------------------------------------- affinities
 
 
+# exact kNN up to here (O(n^2 d) work: ~0.1 s at 2.5e5 points on an H100-class GPU in
+# float64, ~20 s at 1e5 on two CPU cores), IVF above
+EXACT_KNN_MAX_N = {"cuda": 250_000, "cpu": 50_000}
+KNN_METHODS = ("auto", "exact", "ivf")
+
+
+def choose_knn(n: int, device: torch.device | str, method: str = "auto") -> str:
+    """``auto``: exact up to ``EXACT_KNN_MAX_N[device type]`` points, IVF above."""
+    if method not in KNN_METHODS:
+        raise ValueError(f"knn method {method!r}: use {', '.join(KNN_METHODS)}")
+    if method != "auto":
+        return method
+    kind = torch.device(device).type
+    return "exact" if n <= EXACT_KNN_MAX_N.get(kind, EXACT_KNN_MAX_N["cpu"]) else "ivf"
+
+
 def exact_knn(
     x: torch.Tensor, k: int, *, block_elems: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours of each row of ``x`` (itself excluded), nearest first.
 
-    Returns ``idx`` (n, k) int64 and Euclidean ``dist`` (n, k) float32.
+    Returns ``idx`` (n, k) int64 and Euclidean ``dist`` (n, k) float32 (from float64).
     """
-    n, d = x.shape
+    from advlens.kernels.bruteforce import knn_torch
+
+    n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"exact_knn: k = {k} needs 1 <= k < n = {n}")
-    x = x.to(torch.float32)
-    sq = (x * x).sum(dim=1)
-    # 1 GB blocks on a GPU: at n = 2e6 that is still 134 rows per matmul + top-k
-    rows = max(1, (block_elems or _budget(x.device, gpu=1 << 28)) // max(n, k * d))
-    idx = torch.empty((n, k), dtype=torch.int64, device=x.device)
-    dist = torch.empty((n, k), dtype=torch.float32, device=x.device)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        # |x_j|^2 - 2 x_i.x_j ranks like the squared distance (|x_i|^2 is constant per row)
-        score = torch.addmm(sq[None, :], x[s:e], x.T, alpha=-2.0)
-        ar = torch.arange(e - s, device=x.device)
-        score[ar, ar + s] = math.inf
-        cand = torch.topk(score, k, dim=1, largest=False, sorted=True).indices
-        diff = x[cand] - x[s:e, None, :]
-        d_exact = torch.linalg.vector_norm(diff, dim=2)
-        d_sorted, order = torch.sort(d_exact, dim=1, stable=True)
-        idx[s:e] = torch.gather(cand, 1, order)
-        dist[s:e] = d_sorted
-    return idx, dist
+    idx, dist = knn_torch(x, k, elements=block_elems)
+    return idx, dist.to(torch.float32)
+
+
+def knn_graph(
+    x: torch.Tensor, k: int, method: str = "auto", *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(idx, dist float32, method that ran) of the k nearest neighbours, chosen by size."""
+    method = choose_knn(x.shape[0], x.device, method)
+    if method == "exact":
+        return (*exact_knn(x, k), method)
+    from advlens.kernels.ivf import ivf_knn
+
+    if not 1 <= k < x.shape[0]:
+        raise ValueError(f"knn_graph: k = {k} needs 1 <= k < n = {x.shape[0]}")
+    idx, dist = ivf_knn(x, k, seed=seed)
+    return idx, dist.to(torch.float32), method
 
 
 def conditional_p(
@@ -168,7 +186,7 @@ def affinities(
     As openTSNE, a perplexity above k is lowered to k / 3.
     """
     if knn is None:
-        knn = exact_knn(x, n_neighbors(x.shape[0], perplexity))
+        knn = knn_graph(x, n_neighbors(x.shape[0], perplexity))[:2]
     return calibrate(*knn, perplexity)
 
 
@@ -225,11 +243,30 @@ def pca_init(x: torch.Tensor, seed: int = 0, init: str = "pca") -> torch.Tensor:
 # ----------------------------------------------------------------------------- gradient
 
 
-def attraction(y: torch.Tensor, P: Affinities) -> torch.Tensor:
-    """``sum_j p_ij w_ij (y_i - y_j)`` over the sparse edges (n, 2)."""
-    diff = y.index_select(0, P.row) - y.index_select(0, P.col)
-    w = P.val / (1.0 + (diff * diff).sum(dim=1))
-    return torch.segment_reduce(diff * w[:, None], "sum", offsets=P.crow, axis=0, unsafe=True)
+def _edge_forces(y, row, col, val):
+    """Per edge ``p_ij w_ij (y_i - y_j)`` (E, 2): two gathers and the arithmetic."""
+    diff = y.index_select(0, row) - y.index_select(0, col)
+    w = val / (1.0 + (diff * diff).sum(dim=1))
+    return diff * w[:, None]
+
+
+_FUSED: dict[str, object] = {}
+
+
+def fused_edge_forces():
+    """:func:`_edge_forces` compiled by ``torch.compile`` into one kernel (gathers, distance,
+    weight and product in one pass over the edges instead of ~9; a Triton kernel on a GPU, a C++
+    loop on the CPU), built once per process. The sum per point stays a ``segment_reduce``."""
+    if "edges" not in _FUSED:
+        _FUSED["edges"] = torch.compile(_edge_forces, dynamic=False)
+    return _FUSED["edges"]
+
+
+def attraction(y: torch.Tensor, P: Affinities, *, fused: bool = False) -> torch.Tensor:
+    """``sum_j p_ij w_ij (y_i - y_j)`` over the sparse edges (n, 2); ``fused``: one kernel."""
+    edges = fused_edge_forces() if fused else _edge_forces
+    forces = edges(y, P.row, P.col, P.val)
+    return torch.segment_reduce(forces, "sum", offsets=P.crow, axis=0, unsafe=True)
 
 
 def repulsion_exact(
@@ -269,10 +306,11 @@ def gradient(
     exaggeration: float = 1.0,
     method: str = "exact",
     n_boxes: int | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL gradient / 4 (openTSNE's units) with P scaled by ``exaggeration``, and Z."""
     rep, z = repulsion(y, method, n_boxes)
-    return exaggeration * attraction(y, P) - rep / z, z
+    return exaggeration * attraction(y, P, fused=fused) - rep / z, z
 
 
 def kl_divergence(y: torch.Tensor, P: Affinities, z: torch.Tensor) -> torch.Tensor:
@@ -362,7 +400,8 @@ def optimize(
     the last update, else * 0.8 + ``min_gain``. Updates longer than ``max_step_norm`` are
     shortened; the map is re-centred every step. ``boxes_per_unit`` sets the FFT grid.
     ``kl_every`` > 0 records the KL divergence every that many iterations (kept on the device
-    until the end). ``compile`` fuses the element-wise update with ``torch.compile``.
+    until the end). ``compile`` fuses the element-wise update and the per-edge attraction
+    (:func:`fused_edge_forces`) with ``torch.compile``.
 
     Returns the final map (a new tensor) and [(iteration, KL)], the last entry for the result.
     """
@@ -379,7 +418,9 @@ def optimize(
         early = it < early_exaggeration_iter
         n_boxes = sizer.size(y, it) if sizer is not None else None
         exaggeration = early_exaggeration if early else 1.0
-        grad, z = gradient(y, P, exaggeration=exaggeration, method=method, n_boxes=n_boxes)
+        grad, z = gradient(
+            y, P, exaggeration=exaggeration, method=method, n_boxes=n_boxes, fused=compile
+        )
         if kl_every and it % kl_every == 0:
             history.append((it, kl_divergence(y, P, z)))
         step(y, grad, update, gains, momentum[0] if early else momentum[1], lr, max_step_norm,
@@ -401,6 +442,7 @@ class TSNEResult:
     seconds_knn: float
     seconds_affinities: float
     seconds_optimize: float
+    knn: str = "exact"  # which neighbour search ran: exact, ivf or precomputed
 
     def __post_init__(self) -> None:
         if self.y.ndim != 2 or self.y.shape[1] != 2 or self.y.shape[0] != self.P.n:
@@ -429,8 +471,9 @@ def tsne(
     n = x.shape[0]
     synchronize(dev)
     t0 = time.perf_counter()
+    knn_method = "precomputed"
     if knn is None:
-        knn = exact_knn(x, n_neighbors(n, perplexity))
+        *knn, knn_method = knn_graph(x, n_neighbors(n, perplexity), seed=seed)
         synchronize(dev)
     t1 = time.perf_counter()
     P = calibrate(knn[0].to(dev), knn[1].to(dev), perplexity)
@@ -441,4 +484,4 @@ def tsne(
     synchronize(dev)
     t3 = time.perf_counter()
     method = choose_method(n, opt.get("method", "auto"))
-    return TSNEResult(y, P, kl, method, t1 - t0, t2 - t1, t3 - t2)
+    return TSNEResult(y, P, kl, method, t1 - t0, t2 - t1, t3 - t2, knn_method)

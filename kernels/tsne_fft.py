@@ -46,12 +46,31 @@ def _fft_friendly(lo: int, hi: int) -> list[int]:
     return out
 
 
-_SIZES = _fft_friendly(MIN_BOXES, MAX_BOXES)
+BAND_RATIO = 1.25  # consecutive grid sizes differ by at least this factor
+
+
+def _bands(sizes: list[int], ratio: float = BAND_RATIO) -> list[int]:
+    """A fixed ladder of grid sizes, each >= ``ratio`` x the last (MAX_BOXES closes it).
+
+    The grid grows with the map; on the ladder a whole run meets ~15 sizes instead of ~150,
+    so the FFT plans (cuFFT's plan cache in torch, pocketfft's) are built once per band and
+    reused, and the shapes stay fixed for long stretches (what graph capture needs)."""
+    out = [sizes[0]]
+    for v in sizes[1:]:
+        if v >= out[-1] * ratio:
+            out.append(v)
+    if out[-1] != sizes[-1]:
+        out.append(sizes[-1])
+    return out
+
+
+_SIZES = _bands(_fft_friendly(MIN_BOXES, MAX_BOXES))
 
 
 def n_boxes_for(extent: float, per_unit: float = BOXES_PER_UNIT) -> int:
     """Boxes per side for a map ``extent`` wide: >= MIN_BOXES, >= ``per_unit`` per unit of
-    length, rounded up to an FFT-friendly count, at most MAX_BOXES."""
+    length, rounded up to the next size of the fixed band ladder (7-smooth, FFT-friendly), at
+    most MAX_BOXES."""
     if not math.isfinite(extent):
         return MAX_BOXES
     want = max(MIN_BOXES, math.ceil(extent * per_unit))

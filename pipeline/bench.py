@@ -121,8 +121,28 @@ def _int(text: str, flag: str) -> int:
 # --------------------------------------------------------------------------------- data
 
 
-def load_points(spec: str, seed: int = 0) -> tuple[np.ndarray, str]:
-    """The benchmark points (m, <=50) float32 and a description of where they came from."""
+def synthetic_clusters(
+    n: int, d: int = 50, n_clusters: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian mixture in ``d``-D with known clusters, any ``n``: (x (n, d) float32, labels).
+
+    Centres N(0, 4^2 I); each point is its centre plus noise whose standard deviation along
+    axis j is 3 / sqrt(1 + j), a falling spectrum like that of PCA-reduced activations.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, (n_clusters, d)).astype(np.float32)
+    labels = np.arange(n) % n_clusters
+    scale = (3.0 / np.sqrt(1.0 + np.arange(d))).astype(np.float32)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x *= scale
+    x += centres[labels]
+    return x, labels
+
+
+def load_points(spec: str, seed: int = 0, n: int = 20_000) -> tuple[np.ndarray, str]:
+    """The benchmark points (m, <=50) float32 and a description of where they came from.
+
+    ``synthetic`` makes exactly ``n`` points; the other sources have the size they have."""
     from advlens.reduce import reduce
 
     if spec == "fashion-mnist":
@@ -132,10 +152,8 @@ def load_points(spec: str, seed: int = 0) -> tuple[np.ndarray, str]:
         x = np.concatenate([p.images.reshape(len(p.images), -1) for p in parts])
         return reduce(x, 50, seed=seed), f"Fashion-MNIST train+test ({len(x)}), PCA to 50"
     if spec == "synthetic":
-        rng = np.random.default_rng(seed)
-        centres = rng.normal(0, 4, (10, 50))
-        x = centres[np.arange(20000) % 10] + rng.normal(0, 1, (20000, 50))
-        return x.astype(np.float32), "10 Gaussian clusters in 50-D (20,000 points)"
+        x, _ = synthetic_clusters(n, seed=seed)
+        return x, f"10 Gaussian clusters in 50-D ({n:,} points, decaying spectrum)"
     if spec.startswith("store:"):
         path, sep, layer = spec[len("store:") :].rpartition(":")
         if not sep or not path or not layer:
@@ -193,7 +211,7 @@ def run_bench(
         raise ConfigError(f"--n {sizes}: give sizes of at least 10 points")
     params = TSNEParams(perplexity=perplexity, n_iter=n_iter, seed=seed, n_jobs=n_jobs)
     env = environment()
-    points, description = load_points(data, seed)
+    points, description = load_points(data, seed, n=max(sizes))
     if max(sizes) > len(points):
         raise ConfigError(f"--n {max(sizes)}: the data has only {len(points)} points")
     order = np.random.default_rng(seed).permutation(len(points))  # nested subsets

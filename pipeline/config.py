@@ -235,7 +235,7 @@ class EmbedConfig:
     """Dimensionality reduction and t-SNE settings, shared by every engine."""
 
     engine: str = setting(
-        "task", "opentsne", spread=True, doc="t-SNE engine: opentsne, sklearn, cuml, torch or auto"
+        "task", "auto", spread=True, doc="t-SNE engine: auto (torch on a CUDA GPU, else opentsne), opentsne, sklearn, cuml or torch"
     )
     engines: tuple[str, ...] = setting(
         "task", (), spread=True, doc="several engines; empty: (engine,)"

@@ -137,7 +137,7 @@ def _has_results(run_dir: Path) -> bool:
 def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     from advlens.analyze import run_layer_task
     from advlens.models import fingerprint
-    from advlens.schedule import check_plan, run_tasks
+    from advlens.schedule import check_plan, plan_cluster, release_device, run_tasks
 
     # Every setting is checked before anything is deleted, loaded or attacked.
     validate(cfg, data_given=data is not None)
@@ -175,6 +175,8 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
 
     tasks = _tasks(cfg, stores, layers, run_dir, device)
     t = time.perf_counter()
+    if plan_cluster(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus).kind != "in-process":
+        model = release_device(model, device)  # GPU workers get the driver's GPU memory back
     rows = run_tasks(
         run_layer_task,
         tasks,
@@ -390,8 +392,9 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
     from advlens.data import load_dataset
     from advlens.models import build_model
     from advlens.reduce import resolve_device
+    from advlens.schedule import driver_device
 
-    device = resolve_device(cfg.model.device)
+    device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     if model is None:

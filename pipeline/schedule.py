@@ -39,10 +39,12 @@ from advlens.errors import ConfigError
 __all__ = [
     "ClusterPlan",
     "describe_cluster",
+    "driver_device",
     "list_gpus",
     "plan_cluster",
     "run_tasks",
     "task_id",
+    "worker_gpu",
 ]
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,40 @@ def _device_count() -> int:
     except ImportError:
         return 0
     return torch.cuda.device_count()
+
+
+def worker_gpu() -> str | None:
+    """The GPU this worker process owns: the first entry of its ``CUDA_VISIBLE_DEVICES``.
+
+    Our own GPU cluster shows each worker exactly one GPU; dask-cuda's ``LocalCUDACluster``
+    shows each worker every GPU, rotated so that its own comes first (``torch.cuda`` then
+    counts them all, and ``cuda:0`` is the worker's own). Tasks therefore use ``cuda`` (=
+    ``cuda:0``) and never count GPUs. None where the variable is unset.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    parts = [p.strip() for p in visible.split(",") if p.strip()]
+    return parts[0] if parts else None
+
+
+def driver_device(device: str, gpus: Sequence[int] = ()) -> str:
+    """Where the calling process (model, attack, extraction) runs: ``cuda`` becomes the first
+    chosen GPU (``--gpus 1``: ``cuda:1``), so that the driver stays off GPUs it was not given;
+    an indexed device or the CPU is kept."""
+    if device == "cuda" and gpus:
+        return f"cuda:{int(gpus[0])}"
+    return device
+
+
+def release_device(model: Any, device: str) -> Any:
+    """Move the driver's ``model`` to the CPU and return torch's cached GPU memory, before
+    GPU workers (one of them maybe pinned to the driver's GPU) start their tasks."""
+    if not str(device).startswith("cuda"):
+        return model
+    import torch
+
+    model = model.to("cpu")
+    torch.cuda.empty_cache()
+    return model
 
 
 def _physical_ids(ids: Sequence[int]) -> list[str]:

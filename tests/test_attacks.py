@@ -281,6 +281,23 @@ def test_bf16_autocast_and_channels_last_keep_the_contract():
         assert result.success.float().mean() > 0.5  # eps 0.2 fools this random net easily
 
 
+def test_correct_and_success_are_decided_in_float32_under_bf16_autocast():
+    """A borderline input: class 1 wins by 2^-8 in float32, a tie (class 0) in bf16, whose
+    8-bit significand rounds 1 + 2^-8 to 1. The stored activations come from float32."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0], [1.0 + 2.0**-8]]))
+    x = torch.ones((1, 1, 1, 1))
+    y = torch.tensor([1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert int(model(x).float().argmax(1)) == 0  # the bf16 pass gets it wrong
+    assert int(model(x).argmax(1)) == 1
+    result = get_attack("apgd-ce", "linf", 1e-6, n_iter=2, autocast_bf16=True)(model, x, y)
+    assert int(result.pred_clean) == 1  # correct, as the float32 pass says
+    assert int(result.pred_adv) == int(model(result.x_adv).argmax(1))
+    assert bool(result.success) == (int(result.pred_adv) != 1)
+
+
 @pytest.mark.gpu
 def test_attack_runs_on_the_models_gpu():
     model = tiny_model("conv", (3, 8, 8), 10, seed=6).cuda()

@@ -254,3 +254,80 @@ def test_sklearn_and_opentsne_overlap_agree_on_synthetic_layers():
             assert min(values.values()) >= 0.8
         if layer == "late":
             assert max(values.values()) <= 0.2
+
+
+# ------------------------------------------------ cuML's documented contract, without cuML
+# cuML needs a GPU; these stand-ins enforce what its docs say the estimator accepts, so the
+# arguments advlens builds are checked here. They are not cuML and make no map of their own.
+
+
+def _fake_cuml(monkeypatch, version: str, *, deprecated_n_iter: bool):
+    import sys
+    import types
+    import warnings
+
+    seen: dict = {}
+
+    class TSNE:
+        def __init__(self, *, max_iter=1000, n_neighbors=90, precomputed_knn=None,
+                     n_iter="deprecated", **kwargs):  # fmt: skip
+            if n_iter != "deprecated":
+                assert deprecated_n_iter
+                warnings.warn("n_iter is deprecated, use max_iter", FutureWarning, stacklevel=2)
+            seen.update(kwargs, max_iter=max_iter, n_neighbors=n_neighbors)
+            self.graph = precomputed_knn
+            self.n_neighbors = n_neighbors
+
+        def fit_transform(self, x, knn_graph=None):
+            idx, dist = self.graph if self.graph is not None else knn_graph
+            n = x.shape[0]
+            if idx.shape != (n, self.n_neighbors) or dist.shape != idx.shape:
+                raise ValueError("precomputed_knn must have shape (n_samples, n_neighbors)")
+            if version >= "26.08" and not (
+                (idx[:, 0] == np.arange(n)).all() and (dist[:, 0] == 0).all()
+            ):
+                raise ValueError("precomputed_knn: column 0 must hold each sample itself")
+            seen["graph"] = (idx, dist)
+            return np.asarray(x[:, :2], dtype=np.float32)
+
+    cuml = types.ModuleType("cuml")
+    cuml.__version__ = version
+    manifold = types.ModuleType("cuml.manifold")
+    manifold.TSNE = TSNE
+    cuml.manifold = manifold
+    monkeypatch.setitem(sys.modules, "cuml", cuml)
+    monkeypatch.setitem(sys.modules, "cuml.manifold", manifold)
+    return seen
+
+
+@pytest.mark.parametrize("version", ["26.08.00", "25.12.00"])
+def test_cuml_gets_max_iter_and_a_graph_in_its_layout(monkeypatch, version):
+    from advlens.embed import cuml as engine
+
+    seen = _fake_cuml(monkeypatch, version, deprecated_n_iter=version.startswith("25"))
+    x = clouds(n_per=40)
+    graph = knn_graph(x, perplexity=5)
+    e = engine.embed(x, TSNEParams(perplexity=5, n_iter=300), knn=graph)
+    assert seen["max_iter"] == 300  # never the deprecated n_iter (warnings are errors here)
+    idx, dist = seen["graph"]
+    k = 15
+    if version >= "26.08":  # self in column 0 at distance 0, then the k neighbours
+        np.testing.assert_array_equal(idx[:, 0], np.arange(len(x)))
+        assert (dist[:, 0] == 0).all() and idx.shape == (len(x), k + 1)
+        np.testing.assert_array_equal(idx[:, 1:], graph[0][:, :k])
+    else:
+        np.testing.assert_array_equal(idx, graph[0][:, :k])
+    assert (idx != np.arange(len(x))[:, None])[:, -k:].all()  # the k neighbours exclude self
+    assert e.params["n_neighbors"] == k and e.params["cuml_n_neighbors"] == idx.shape[1]
+
+
+def test_cuml_graph_layout_is_what_26_08_accepts():
+    from advlens.embed.cuml import graph_layout
+
+    x = clouds(n_per=30)
+    idx, dist = knn_graph(x, 7)
+    a, b = graph_layout(idx, dist, self_first=True)
+    assert a.dtype == np.int64 and b.dtype == np.float32 and a.shape == (60, 8)
+    # each row sorted by distance, as a self-inclusive exact search returns it
+    assert (np.diff(b, axis=1) >= 0).all()
+    np.testing.assert_allclose(b[:, 1:], cdist(x, x)[np.arange(60)[:, None], a[:, 1:]], rtol=1e-5)

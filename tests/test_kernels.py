@@ -299,9 +299,10 @@ def test_cuda_source_emulated_on_cell_borders(emulator) -> None:
     kind=st.sampled_from(["normal", "integer", "offset"]),
     k_frac=st.floats(0, 1),
     fast=st.booleans(),
+    elements=st.sampled_from([None, 64, 700]),  # small budgets: many row blocks and tiles
     seed=st.integers(0, 2**32 - 1),
 )
-def test_knn_highdim_matches_ckdtree(n, d, kind, k_frac, fast, seed) -> None:
+def test_knn_highdim_matches_ckdtree(n, d, kind, k_frac, fast, elements, seed) -> None:
     import torch
 
     rng = np.random.default_rng(seed)
@@ -312,10 +313,23 @@ def test_knn_highdim_matches_ckdtree(n, d, kind, k_frac, fast, seed) -> None:
     else:
         x = rng.normal(size=(n, d))
     k = 1 + int(k_frac * (n - 2))
-    idx, dist = knn_torch(torch.from_numpy(x), k, fast=fast)
+    idx, dist = knn_torch(torch.from_numpy(x), k, fast=fast, elements=elements)
     want_i, want_d = oracle(x, k)
     np.testing.assert_array_equal(idx.numpy(), want_i)
     np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12, atol=1e-12)
+
+
+def test_bruteforce_blocks_do_not_shrink_with_n() -> None:
+    from advlens.kernels.bruteforce import MAX_ROWS, block_shape, budget
+
+    for device in ("cpu", "cuda"):
+        b = budget(device)
+        shapes = {n: block_shape(n, 100, 50, b) for n in (10_000, 200_000, 2_000_000)}
+        rows = {r for r, _ in shapes.values()}
+        assert len(rows) == 1 and next(iter(rows)) >= 256  # was 2^24 / n: 8 rows at 2e6
+        for n, (r, tile) in shapes.items():
+            assert r * tile <= b and r * 100 * 50 <= b and 100 <= tile <= n and r <= MAX_ROWS
+    assert block_shape(5, 4, 3, 1 << 24) == (5, 5)
 
 
 def test_knn_highdim_dispatch_and_errors() -> None:
@@ -393,3 +407,74 @@ def test_gpu_knn_highdim_equals_cpu() -> None:
     np.testing.assert_array_equal(
         knn(torch.from_numpy(ints).cuda(), 5)[0].cpu().numpy(), oracle(ints, 5)[0]
     )
+
+
+# -- the affinity graph's kNN: exact by size, IVF above ---------------------------------
+
+
+def _recall(idx: np.ndarray, ref: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(a, b)) for a, b in zip(idx, ref, strict=True))
+    return hits / ref.size
+
+
+def _check_ivf(n: int, k: int, queries: int, **kw) -> float:
+    import torch
+    from sklearn.neighbors import NearestNeighbors
+
+    from advlens.bench import synthetic_clusters
+    from advlens.kernels.ivf import ivf_knn
+
+    x, _ = synthetic_clusters(n, seed=3)
+    idx, dist = ivf_knn(torch.from_numpy(x), k, **kw)
+    idx, dist = idx.numpy(), dist.numpy()
+    assert idx.shape == (n, k) and (idx != np.arange(n)[:, None]).all()
+    # the distances are exact float64 ones of the listed points, rows sorted
+    rows = np.random.default_rng(0).choice(n, queries, replace=False)
+    x64 = x.astype(np.float64)
+    want = np.sqrt(((x64[idx[rows]] - x64[rows, None, :]) ** 2).sum(axis=2))
+    np.testing.assert_allclose(dist[rows], want, rtol=1e-12)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    # recall against scikit-learn's exact brute force on the sampled queries
+    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x64)
+    _, ref = nn.kneighbors(x64[rows])
+    return _recall(idx[rows], ref[:, 1:])
+
+
+def test_ivf_knn_recall_small():
+    assert _check_ivf(4000, 30, 500, n_lists=20, n_probe=8) >= 0.99
+
+
+def test_ivf_knn_probing_every_list_is_exact():
+    import torch
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(600, 8))
+    from advlens.kernels.ivf import ivf_knn
+
+    idx, dist = ivf_knn(torch.from_numpy(x), 9, n_lists=7, n_probe=7)
+    want_i, want_d = oracle(x, 9)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_ivf_knn_recall_at_1e5_points():
+    """The issue's target: recall >= 0.99 against exact at 10^5 points (k = 90, perplexity 30)."""
+    assert _check_ivf(100_000, 90, 1000) >= 0.99
+
+
+def test_knn_choice_by_size_and_recorded():
+    import torch
+
+    from advlens.kernels import tsne as T
+
+    assert T.choose_knn(50_000, "cpu") == "exact" and T.choose_knn(50_001, "cpu") == "ivf"
+    assert T.choose_knn(250_000, "cuda") == "exact" and T.choose_knn(250_001, "cuda") == "ivf"
+    assert T.choose_knn(10, "cpu", "ivf") == "ivf"
+    with pytest.raises(ValueError, match="nndescent"):
+        T.choose_knn(10, "cpu", "nndescent")
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(300, 6)).astype(np.float32))
+    idx, dist, method = T.knn_graph(x, 10)
+    assert method == "exact" and dist.dtype == torch.float32
+    want_i, _ = oracle(x.numpy(), 10)
+    np.testing.assert_array_equal(idx.numpy(), want_i)

@@ -220,6 +220,30 @@ def test_plan_without_gpu():
         plan_cluster(gpus=(0,))
 
 
+def test_worker_gpu_is_the_first_visible_device(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,0,1")  # dask-cuda's list for worker 2
+    assert schedule.worker_gpu() == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # our own cluster: one device
+    assert schedule.worker_gpu() == "1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert schedule.worker_gpu() is None
+
+
+def test_driver_device_follows_the_chosen_gpus():
+    assert schedule.driver_device("cuda", (1,)) == "cuda:1"  # --gpus 1: off GPU 0
+    assert schedule.driver_device("cuda", (2, 0)) == "cuda:2"
+    assert schedule.driver_device("cuda", ()) == "cuda"
+    assert schedule.driver_device("cuda:3", (1,)) == "cuda:3"  # an explicit device is kept
+    assert schedule.driver_device("cpu", (1,)) == "cpu"
+
+
+def test_release_device_keeps_a_cpu_model():
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    assert schedule.release_device(model, "cpu") is model
+
+
 def test_unreachable_scheduler_is_a_config_error(monkeypatch):
     import socket
 
@@ -477,15 +501,25 @@ def test_cli_cluster_matches_in_process_and_survives_a_killed_worker(
 
 @pytest.mark.gpu
 def test_gpu_workers_each_own_one_gpu():
+    """dask-cuda shows each worker every GPU, its own first; our cluster shows only that one.
+    Either way a worker's cuda:0 is its own GPU and no two workers share one."""
     import torch
 
     def device(task):
         import torch
 
-        return {"count": torch.cuda.device_count(), "visible": os.environ["CUDA_VISIBLE_DEVICES"]}
+        from advlens.schedule import worker_gpu
+
+        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        return {"count": torch.cuda.device_count(), "n_visible": len(visible),
+                "own": worker_gpu()}  # fmt: skip
 
     n = torch.cuda.device_count()
     tasks = [{"task_id": f"g{i}"} for i in range(2 * n)]
     rows = run_tasks(device, tasks, workers=n, progress=False)
-    assert all(r["error"] is None and r["count"] == 1 for r in rows)
-    assert len({r["visible"] for r in rows}) <= n
+    assert all(r["error"] is None and r["count"] == r["n_visible"] for r in rows)
+    own = {}
+    for r in rows:
+        own.setdefault(r["worker"], set()).add(r["own"])
+    assert all(len(v) == 1 for v in own.values())
+    assert len({next(iter(v)) for v in own.values()}) == len(own)  # no GPU shared

@@ -189,6 +189,12 @@ def test_grid_size_is_fft_friendly_and_bounded():
     assert n_boxes_for(1e9) == 1000 and n_boxes_for(float("inf")) == 1000
 
 
+def test_grid_sizes_form_a_fixed_ladder_of_bands():
+    sizes = sorted({n_boxes_for(e / 10) for e in range(0, 6000)})
+    assert len(sizes) <= 16 and sizes[0] == 50 and sizes[-1] == 1000
+    assert all(b >= 1.25 * a for a, b in zip(sizes[:-2], sizes[1:-1], strict=True))
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 
@@ -341,3 +347,23 @@ def test_gpu_compiled_step_matches_eager():
     eager, _ = T.optimize(y0, P, **kw)
     fused, _ = T.optimize(y0, P, compile=True, **kw)
     assert _rel(fused.cpu(), eager.cpu()) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_fused_attraction_equals_the_unfused_reference():
+    """torch.compile's one-kernel edge forces against today's op-by-op attraction (CPU)."""
+    rng = np.random.default_rng(11)
+    x = torch.tensor(rng.normal(size=(400, 5)), dtype=torch.float32)
+    P = T.affinities(x, 10.0)
+    y = torch.tensor(rng.normal(size=(400, 2)), dtype=torch.float32)
+    ref = T.attraction(y, P)
+    fused = T.attraction(y, P, fused=True)
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-9)
+    # and against a float64 NumPy oracle of sum_j p_ij (y_i - y_j) / (1 + |y_i - y_j|^2)
+    dense = P.dense().double().numpy()
+    yy = y.double().numpy()
+    diff = yy[:, None, :] - yy[None, :, :]
+    w = dense / (1.0 + (diff**2).sum(axis=2))
+    np.testing.assert_allclose(fused.numpy(), (w[:, :, None] * diff).sum(axis=1), rtol=1e-4,
+                               atol=1e-9)  # fmt: skip

@@ -204,8 +204,10 @@ class Attack:
         # Attacks need autograd even when the caller runs under no_grad / inference_mode.
         with torch.inference_mode(False), torch.enable_grad():
             model, x, y = self._prepare(model, x, y)
+            # Which rows are correct, and which attacks succeed, is decided in float32 without
+            # autocast: the pass whose activations extract.py stores. bf16 is for the search.
             with torch.no_grad():
-                clean_logits = self.logits(model, x)
+                clean_logits = model(x).float()
             check_finite(clean_logits, f"attack {self.name}: the clean forward's logits")
             n_classes = clean_logits.shape[1]
             if n_classes < self.min_classes:
@@ -226,7 +228,7 @@ class Attack:
                 x_sub = self._perturb(model, x[idx], y[idx], seed)
                 x_adv[idx] = enforce_constraints(x[idx], x_sub.to(x.dtype), self.norm, self.eps)
             with torch.no_grad():
-                pred_adv = self.logits(model, x_adv).argmax(dim=1)
+                pred_adv = model(x_adv).float().argmax(dim=1)
             success = attacked & (pred_adv != y)
             return AttackResult(
                 x_adv=x_adv.detach(),

@@ -3,8 +3,9 @@ present, else on the CPU (slowly; ``auto`` then picks openTSNE).
 
 Mapping of :class:`advlens.embed.TSNEParams`:
 
-- perplexity -> exact kNN on the device (k = min(n - 1, 3 * perplexity), row-chunked distance
-  matrix + top-k), per-point bandwidth by vectorised bisection, P = (P + P^T) / 2 normalised
+- perplexity -> kNN on the device (k = min(n - 1, 3 * perplexity)): exact (blocked, float64
+  re-ranked, certified) up to ``kernels.tsne.EXACT_KNN_MAX_N`` points, IVF (recall >= 0.99)
+  above; ``params["knn"]`` records which ran. Per-point bandwidth by vectorised bisection, P = (P + P^T) / 2 normalised
   to 1; a precomputed ``knn`` graph replaces the search (its first k columns are used).
 - n_iter (total), early_exaggeration, early_exaggeration_iter -> the two phases, momentum 0.5
   then 0.8, gains and ``max_step_norm`` = 5 as openTSNE, no gradient clipping.
@@ -58,9 +59,9 @@ def embed(x: np.ndarray, params, *, knn=None, device: str | None = None):
         k = _common.k_neighbors(params.perplexity, n)
         xt = torch.tensor(np.asarray(x, dtype=np.float32), device=dev)
         if knn is None:
-            graph = T.exact_knn(xt, k)
+            *graph, source = T.knn_graph(xt, k, seed=params.seed)
             T.synchronize(dev)
-            knn_seconds, source = time.perf_counter() - t0, "exact"
+            knn_seconds = time.perf_counter() - t0
         else:
             idx, dist = _common.check_knn(knn, n, k, NAME)
             graph = (
