@@ -108,7 +108,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     widths = {name: _width(shapes[name], cfg.layers.pool) for name in layers}
 
     t = time.perf_counter()
-    samples = _pick_samples(cfg, model, data, device)
+    samples, clean_accuracy = _pick_samples(cfg, model, data, device)
     timings["select"] = time.perf_counter() - t
 
     stores: list[tuple[str, str, float, Path]] = []
@@ -165,6 +165,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> RunResult:
     from advlens.report import write_outputs
 
     provenance = _provenance(cfg, model, data, device, layers, shapes, timings)
+    provenance["accuracy"] = accuracy_record(clean_accuracy, len(data.labels), stores)
     write_outputs(run_dir, rows, layers, provenance)
     timings["report"] = time.perf_counter() - t
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
@@ -214,7 +215,8 @@ def _model_and_data(cfg: RunConfig):
 
 
 def _pick_samples(cfg: RunConfig, model, data, device: str):
-    """Seeded, class-stratified sample of ``data.n`` correctly classified images."""
+    """Seeded, class-stratified sample of ``data.n`` correctly classified images, and the
+    clean accuracy on the whole split."""
     import torch
 
     from advlens.data import stratified_sample
@@ -234,7 +236,20 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     accuracy = len(correct) / len(data.labels)
     log.info("clean accuracy %.4f on %d %s images", accuracy, len(data.labels), data.name)
     picked = correct[stratified_sample(data.labels[correct], cfg.data.n, cfg.data.seed)]
-    return data.subset(picked)
+    return data.subset(picked), accuracy
+
+
+def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
+    """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
+    split still classified correctly under attack, clean x (1 - success rate), since only
+    correctly classified images are attacked (a seeded sample of them)."""
+    from advlens.store import ActivationStore
+
+    robust = {}
+    for attack, norm, _eps, path in stores:
+        success = ActivationStore.open(path).samples()["success"]
+        robust[f"{_slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
+    return {"clean": float(clean), "n_split": int(n_split), "robust": robust}
 
 
 def _attack_and_extract(
