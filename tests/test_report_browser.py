@@ -187,6 +187,7 @@ RECT = """(() => { const v = %s; v.el.scrollIntoView({block: 'center'});
   return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}; })()"""
 POINT = """(() => { const v = %s; const r = v.canvas_view.el.getBoundingClientRect();
   return [r.left + v.frame.x_scale.compute(%r), r.top + v.frame.y_scale.compute(%r)]; })()"""
+FIELDS = """%s.model.renderers.map(r => r.glyph.fill_color.field)"""
 STATE = """(() => { const d = Bokeh.documents[0];
   return {sel: d.get_model_by_name('src-apgd-ce-l2').selected.indices,
           panel: d.get_model_by_name('selection-apgd-ce-l2').text}; })()"""
@@ -228,16 +229,21 @@ def test_maps_render_and_a_click_selects_the_twin_in_every_layer(report, tmp_pat
             await asyncio.sleep(0.5)
             state = await dt.js(STATE)
             after = await dt.shot(await dt.js(RECT % (VIEW % last)))
+            # the colour switch: the true-label scheme recolours every map
+            await dt.js("Bokeh.documents[0].get_model_by_name('colour-apgd-ce-l2').active = 1")
+            await asyncio.sleep(0.5)
+            relabelled = await dt.shot(await dt.js(RECT % (VIEW % last)))
+            fields = await dt.js(FIELDS % (VIEW % last))
             (tmp_path / "report-clicked.png").write_bytes(
                 base64.b64decode((await dt.call("Page.captureScreenshot"))["data"])
             )
-            return maps, drawn, before, after, state, dt.errors()
+            return maps, drawn, before, after, relabelled, fields, state, dt.errors()
         finally:
             dt.ws.close()
             proc.terminate()
             proc.wait(timeout=30)
 
-    maps, drawn, before, after, state, errors = asyncio.run(scenario())
+    maps, drawn, before, after, relabelled, fields, state, errors = asyncio.run(scenario())
     assert errors == []
     assert len(maps) == 2 * len(LAYERS)
     for name, share in drawn.items():
@@ -248,3 +254,5 @@ def test_maps_render_and_a_click_selects_the_twin_in_every_layer(report, tmp_pat
     changed = (np.abs(after - before).max(axis=-1) > 0.1).mean()
     assert changed > 0.001, "selecting in layer 0 did not change the last layer's map"
     assert (tmp_path / "report-clicked.png").stat().st_size > 10_000
+    assert fields == ["label", "label"]
+    assert (np.abs(relabelled - after).max(axis=-1) > 0.1).mean() > 0.001

@@ -55,7 +55,7 @@ const d = src.data, i = ix[0];
 let rows = "";
 for (let j = 0; j < layers.length; j++) {
   const moved = d["n" + j + "p"][i] !== d.label[i];
-  rows += "<tr" + (moved ? " class='moved'" : "") + "><td class='t'>" + layers[j] + "</td><td>"
+  rows += "<tr" + (moved ? " class='moved' style='background:#fde0c5'" : "") + "><td class='t'>" + layers[j] + "</td><td>"
     + (d["o" + j + "c"][i] ? "yes" : "no") + "</td><td>" + (d["o" + j + "p"][i] ? "yes" : "no")
     + "</td><td class='t'>" + names[d["n" + j + "p"][i]] + "</td></tr>";
 }
