@@ -235,7 +235,10 @@ class EmbedConfig:
     """Dimensionality reduction and t-SNE settings, shared by every engine."""
 
     engine: str = setting(
-        "task", "auto", spread=True, doc="t-SNE engine: auto (torch on a CUDA GPU, else opentsne), opentsne, sklearn, cuml or torch"
+        "task",
+        "auto",
+        spread=True,
+        doc="t-SNE engine: auto (torch on a CUDA GPU, else opentsne), opentsne, sklearn, cuml or torch",
     )
     engines: tuple[str, ...] = setting(
         "task", (), spread=True, doc="several engines; empty: (engine,)"

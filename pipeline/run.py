@@ -156,7 +156,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     model_id = fingerprint(cfg.model, model)
 
     t = time.perf_counter()
-    samples = _pick_samples(cfg, model, data, device)
+    samples, clean_accuracy = _pick_samples(cfg, model, data, device)
     timings["select"] = time.perf_counter() - t
 
     if cfg.output.overwrite:  # only now: settings, model and data are known to be good
@@ -195,6 +195,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
 
     provenance = _provenance(cfg, model, data, device, layers, shapes, timings)
     provenance["model"] |= model_id
+    provenance["accuracy"] = accuracy_record(clean_accuracy, len(data.labels), stores)
     write_outputs(run_dir, rows, layers, provenance)
     timings["report"] = time.perf_counter() - t
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
@@ -331,7 +332,12 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
     if not model_given:
         get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
-    if not model_given and sep and module not in ("torchvision", "timm") and not _importable(module):
+    if (
+        not model_given
+        and sep
+        and module not in ("torchvision", "timm")
+        and not _importable(module)
+    ):
         raise ConfigError(
             f"model.name = {cfg.model.name!r}: no module {module!r} on the Python path; "
             "install it or fix the name (package.module:function)"
@@ -429,7 +435,8 @@ def check_fit(model, data, device: str, name: str) -> None:
 
 
 def _pick_samples(cfg: RunConfig, model, data, device: str):
-    """Seeded, class-stratified sample of ``data.n`` correctly classified images."""
+    """Seeded, class-stratified sample of ``data.n`` correctly classified images, and the
+    clean accuracy on the whole split."""
     import torch
 
     from advlens.attacks import check_finite
@@ -453,7 +460,20 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     accuracy = len(correct) / len(data.labels)
     log.info("clean accuracy %.4f on %d %s images", accuracy, len(data.labels), data.name)
     picked = correct[stratified_sample(data.labels[correct], cfg.data.n, cfg.data.seed)]
-    return data.subset(picked)
+    return data.subset(picked), accuracy
+
+
+def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
+    """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
+    split still classified correctly under attack, clean x (1 - success rate), since only
+    correctly classified images are attacked (a seeded sample of them)."""
+    from advlens.store import ActivationStore
+
+    robust = {}
+    for attack, norm, _eps, path in stores:
+        success = ActivationStore.open(path).samples()["success"]
+        robust[f"{_slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
+    return {"clean": float(clean), "n_split": int(n_split), "robust": robust}
 
 
 def _attack_and_extract(

@@ -8,8 +8,11 @@ every layer; overlap values come from a brute-force kNN oracle.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import html
 import html.parser
+import io
 import json
 import logging
 import math
@@ -70,10 +73,15 @@ def make_run(
     step: float = 0.9,
     noise: float = 0.3,
     fail: tuple[str, str] | None = None,
+    store: bool = False,
 ) -> tuple[Path, list[dict]]:
-    """A run folder whose perturbed cloud moves ``step * layer_index`` away per layer."""
+    """A run folder whose perturbed cloud moves ``step * layer_index`` away per layer; with
+    ``store``, an activation store per norm holding 8 x 8 input images (for thumbnails)."""
     run = root / name
     (run / "tasks").mkdir(parents=True)
+    if store:
+        for norm in norms:
+            write_store(run / f"apgd-ce-{norm}.zarr", n, seed=len(norm))
     rows = []
     for norm, (li, layer), engine, seed in product(norms, enumerate(layers), engines, seeds):
         task_id = f"apgd-ce-{norm}-{li:03d}-{engine}-s{seed}-p30"
@@ -113,6 +121,29 @@ def make_run(
             per_point=per_point,
         )
     return run, rows
+
+
+def write_store(path: Path, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A real activation store with only the input layer (1 x 8 x 8 images in [0, 1]); every
+    other sample's attack succeeds and moves the prediction to the next class."""
+    from advlens.store import ActivationStore
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    clean = rng.random((n, 64), dtype=np.float32)
+    pert = np.clip(clean + rng.normal(scale=0.2, size=(n, 64)), 0, 1).astype(np.float32)
+    success = np.arange(n) % 2 == 1
+    samples = {
+        "index": 1000 + np.arange(n), "label": labels, "pred_clean": labels,
+        "pred_perturbed": np.where(success, (labels + 1) % 3, labels), "success": success,
+        "norm": np.linalg.norm(pert - clean, axis=1).astype(np.float32),
+    }  # fmt: skip
+    store = ActivationStore.create(
+        path, n=n, layers={"input": 64}, batch_size=n, dtype="float32", attrs={"config": {}}
+    )
+    with store.writer() as w:
+        w.put(0, samples, {"input": (clean, pert)})
+    return {**samples, "clean": clean, "perturbed": pert}
 
 
 PROVENANCE = {
@@ -353,11 +384,13 @@ def test_summary_names_the_biggest_drops_and_detector_layers(single_run):
 class _Links(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.urls, self.tags, self.rows, self.flagged = [], [], 0, 0
+        self.urls, self.tags, self.rows, self.flagged, self.titles = [], [], 0, 0, []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         a = dict(attrs)
+        if tag == "th":
+            self.titles.append(a.get("title"))
         self.urls += [(tag, k, v) for k, v in attrs if k in ("src", "href", "action", "data")]
         if tag == "tr" and "metric-row" in (a.get("class") or ""):
             self.rows += 1
@@ -368,7 +401,9 @@ def test_report_is_self_contained(single_run):
     run, rows, out = single_run
     p = _Links()
     p.feed(out["report.html"].read_text())
-    assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    # BokehJS and the plots' data are inline scripts: no script names a source to fetch
+    assert "script" in p.tags and "link" not in p.tags and "iframe" not in p.tags
+    assert not [u for u in p.urls if u[0] == "script"]
     assert p.rows == len(LAYERS) * 2
     flags = sum(abs(r["overlap"] - r["overlap_reduced"]) > 0.2 for r in rows)
     assert p.flagged == flags > 0
@@ -503,3 +538,136 @@ def test_stale_figures_are_removed(tmp_path):
     out = make_figures(run, rows, LAYERS[:2], PROVENANCE, progress=False)
     assert "figures/maps-apgd-ce-l2.png" in out
     assert not stale.exists() and keep.exists() and mine.exists()
+
+
+# ---------------------------------------------------------------- interactive report
+@pytest.fixture(scope="module")
+def store_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    run, rows = make_run(root, store=True)
+    stores = {norm: write_store(root / f"copy-{norm}.zarr", 40, seed=len(norm))
+              for norm in ("l2", "linf")}  # fmt: skip
+    prov = {**PROVENANCE, "accuracy": {"clean": 0.9, "n_split": 10_000, "robust": {}}}
+    prov["layers"] = [{"name": name, "shape": [1, 8, 8] if name == "input" else [4, 2]}
+                      for name in LAYERS]  # fmt: skip
+    prov["timings"] = {"model": 1.0, "select": 0.5, "attack+extract": 2.0, "layers": 10.0,
+                       "reduce": 3.0, "embed": 5.0, "overlap": 1.5}  # fmt: skip
+    out = write_outputs(run, rows, LAYERS, prov, progress=False)
+    return run, rows, out, stores
+
+
+def test_thumbnails_hold_the_stored_images_once_per_sample(store_run):
+    from PIL import Image
+
+    from advlens.report import interactive as ia
+
+    run, _, out, stores = store_run
+    text = out["report.html"].read_text()
+    for s in stores.values():
+        clean, pert = (s[k].reshape(-1, 1, 8, 8) for k in ("clean", "perturbed"))
+        sprites = ia.sprites(clean, pert)
+        # one sprite per sample, shared by its two points and every layer's map
+        assert [text.count(u) for u in sprites] == [1] * len(sprites)
+        for i in (0, 17):
+            png = base64.b64decode(sprites[i].split(",", 1)[1])
+            img = np.asarray(Image.open(io.BytesIO(png)))
+            assert img.shape == (8, 17)
+            want = np.round(np.concatenate([clean[i, 0], pert[i, 0]], axis=1) * 255)
+            got = np.concatenate([img[:, :8], img[:, 9:]], axis=1)
+            assert np.abs(got - want).max() <= 1
+
+
+def test_one_source_per_norm_holds_every_layer_and_the_attack_outcome(store_run):
+    from advlens.report import interactive as ia
+
+    run, rows, _, stores = store_run
+    maps = tables.load_maps(run, rows)[("apgd-ce", "linf")]
+    samples = ia.load_samples(run, maps, {})
+    src, names = ia.build_source(maps, samples, ["a", "b", "c"])
+    n = 40
+    assert all(len(v) == n for v in src.data.values())
+    for j, m in enumerate(maps):
+        np.testing.assert_array_equal(src.data[f"x{j}p"], m.xy[n:, 0].astype(np.float32))
+        np.testing.assert_array_equal(src.data[f"y{j}c"], m.xy[:n, 1].astype(np.float32))
+        np.testing.assert_array_equal(src.data[f"o{j}c"], m.per_point[:n] > 0.5)
+    s = stores["linf"]
+    assert src.data["pp_name"] == [names[c] for c in s["pred_perturbed"]]
+    assert src.data["outcome"] == ["succeeded" if x else "failed" for x in s["success"]]
+    np.testing.assert_array_equal(src.data["index"], s["index"])
+    np.testing.assert_allclose(src.data["pnorm"], s["norm"], rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(8, 40), st.integers(0, 10_000), st.integers(1, 6))
+def test_neighbour_class_matches_bruteforce(n, seed, k):
+    from advlens.report import interactive as ia
+
+    rng = np.random.default_rng(seed)
+    xy = rng.normal(size=(2 * n, 2))
+    labels = np.tile(rng.integers(0, 4, n), 2)
+    m = tables.TaskMap({"layer": "x"}, xy, np.repeat([False, True], n), labels, np.zeros(2 * n))
+    k = min(k, n - 1)
+    d = np.linalg.norm(xy[:, None] - xy[None, :n], axis=-1)  # to the clean points only
+    d[np.arange(n), np.arange(n)] = np.inf
+    nbr = np.argsort(d, axis=1, kind="stable")[:, :k]
+    want = [np.bincount(labels[row], minlength=4).argmax() for row in nbr]
+    np.testing.assert_array_equal(ia.majority_neighbour_class(m, k), want)
+
+
+@pytest.mark.parametrize("fixture", ["single_run", "repeat_run"])
+def test_curve_band_is_the_interval_and_names_k_and_n(fixture, request):
+    from bokeh.models import VArea
+
+    from advlens.report import interactive as ia
+
+    _, rows, _ = request.getfixturevalue(fixture)[:3]
+    agg = aggregate(rows, LAYERS)
+    f = ia.curve_figure(agg, LAYERS)
+    assert "k = 10" in f.title.text and "N = 40" in f.title.text
+    bands = [r for r in f.renderers if isinstance(r.glyph, VArea)]
+    assert len(bands) == 2
+    for band in bands:
+        d = band.data_source.data
+        norm = d["series"][0].split()[-1]
+        rs = sorted((a for a in agg if a["norm"] == norm), key=lambda a: a["layer_index"])
+        lo, hi = (("overlap_boot_low", "overlap_boot_high") if fixture == "repeat_run"
+                  else ("ci_low", "ci_high"))  # fmt: skip
+        assert d["lo"] == [a[lo] for a in rs] and d["hi"] == [a[hi] for a in rs]
+        assert all(a <= y <= b for a, y, b in zip(d["lo"], d["y"], d["hi"], strict=True))
+
+
+def _table_after(text: str, marker: str) -> list[list[str]]:
+    """The rows of the first table after ``marker``, cells as plain text."""
+    import re
+
+    chunk = text[text.index(marker) :]
+    body = chunk[chunk.index("<tbody>") : chunk.index("</tbody>")]
+    strip = lambda c: html.unescape(re.sub("<[^>]+>", "", c)).strip()  # noqa: E731
+    return [[strip(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", tr)]
+            for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]  # fmt: skip
+
+
+def test_report_shows_accuracies_layers_and_a_timing_total_counted_once(store_run):
+    run, rows, out, _ = store_run
+    text = out["report.html"].read_text()
+    timings = dict(_table_after(text, "Timings (seconds)"))
+    # reduce, embed and overlap ran inside "layers": the total counts them once
+    assert float(timings["total"]) == pytest.approx(1.0 + 0.5 + 2.0 + 10.0)
+    assert "of which embed (summed over tasks)" in timings
+    layers = _table_after(text, f"Layers ({len(LAYERS)})")
+    assert [r[1] for r in layers] == LAYERS and layers[0][2:] == ["1 x 8 x 8", "64"]
+    acc = {r[0]: float(r[1]) for r in _table_after(text, 'id="accuracy"')}
+    assert acc["clean accuracy"] == 0.9
+    for norm, eps in (("l2", "1.5"), ("linf", "0.1")):
+        assert acc[f"robust accuracy, apgd-ce {norm} ε={eps}"] == pytest.approx(0.9 * (1 - 0.9))
+    p = _Links()
+    p.feed(
+        text[text.index('id="metrics"') - 100 : text.index("</table>", text.index('id="metrics"'))]
+    )
+    assert p.titles and all(t for t in p.titles)  # every metrics column is explained
+    assert text.count('class="imaps"') == 2 and "No thumbnails" not in text
+
+
+def test_report_without_stores_says_why_there_are_no_thumbnails(single_run):
+    text = single_run[2]["report.html"].read_text()
+    assert text.count('class="imaps"') == 2 and "No thumbnails" in text

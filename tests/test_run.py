@@ -140,3 +140,18 @@ def test_bad_input_gives_one_clear_message(tmp_path, capsys, override, needles):
     assert "Traceback" not in err and err.count("\n") <= 3, err
     for needle in needles:
         assert needle in err, err
+
+
+def test_provenance_records_clean_and_robust_accuracy(eps_zero):
+    from advlens.run import _model_and_data
+
+    cfg, result = eps_zero
+    acc = json.loads((result.run_dir / "provenance.json").read_text())["accuracy"]
+    model, data, device = _model_and_data(cfg)
+    with torch.no_grad():
+        pred = model(torch.as_tensor(data.images, device=device)).argmax(1).cpu().numpy()
+    assert acc["n_split"] == len(data.labels)
+    assert acc["clean"] == pytest.approx(float(np.mean(pred == data.labels)))
+    # eps = 0: no attack succeeds, so robust accuracy is the clean accuracy
+    assert acc["robust"] == {"apgd-ce linf": pytest.approx(acc["clean"])}
+    assert "robust accuracy, apgd-ce linf" in (result.run_dir / "report.html").read_text()

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from advlens.report.tables import TaskMap
+from advlens.report.tables import ARTEFACT_GAP, TaskMap
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#ff7f0e", "l1": "#9467bd"}
 NORM_LABELS = {"l2": "L2", "linf": "Linf", "l1": "L1"}
@@ -189,7 +189,7 @@ def plot_series(
                 ax.fill_between(x, lo, hi, color=s.color, alpha=0.22, lw=0)
             if s.flags is not None and s.flags.any():
                 ax.plot(x[s.flags], s.y[s.flags], "x", color="black", ms=5, mew=1,
-                        label="_" if flagged else "flag: |map − reduced| > 0.2")  # fmt: skip
+                        label="_" if flagged else f"flag: |map − reduced| > {ARTEFACT_GAP}")  # fmt: skip
                 flagged = True
         if threshold is not None:
             ax.axhline(threshold, color="0.3", lw=0.7, ls=(0, (4, 3)))
