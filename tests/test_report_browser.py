@@ -166,7 +166,8 @@ async def open_devtools(url: str, user_dir: Path, width: int = 1400):
             break
         time.sleep(0.1)
     port = port_file.read_text().split()[0]
-    targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as reply:
+        targets = json.loads(reply.read())
     page = next(t for t in targets if t["type"] == "page")
     ws = await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=1 << 28)
     dt = DevTools(ws)
