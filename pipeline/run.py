@@ -216,6 +216,7 @@ def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
 def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
     """One layer task per store x layer x engine x seed x perplexity."""
     from advlens.analyze import LayerTask
+    from advlens.embed import resolve_engine
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -224,6 +225,8 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
     embed_cfg = cfg.embed
     if embed_cfg.n_jobs == -1:
         embed_cfg = dataclasses.replace(embed_cfg, n_jobs=os.cpu_count() or 1)
+    # Likewise engine "auto": the task id and the row name the engine that makes the map.
+    engines = [resolve_engine(name) for name in cfg.embed.engine_names]
     return [
         LayerTask(
             store=str(path),
@@ -242,7 +245,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
         )
         for (a, norm, eps, path) in stores
         for i, layer in enumerate(layers)
-        for engine in cfg.embed.engine_names
+        for engine in engines
         for seed in cfg.embed.seed_list
         for perp in cfg.embed.perplexity_list
     ]
