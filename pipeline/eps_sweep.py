@@ -13,7 +13,6 @@ eps_sweep.md and the figures eps_curve.png, radius.png, matched_success.png to t
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,22 +103,17 @@ def run_eps_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """One :func:`advlens.run.run` per eps; returns (and writes) the sweep summary."""
-    from advlens.config import load
-    from advlens.run import run
+    from advlens.run import sweep_point, sweep_start
 
-    overrides = list(overrides or [])
-    base = load(config, overrides)
-    name = name or base.output.name
-    folder = Path(base.output.root) / f"eps-sweep-{name}"
-    out: dict[str, Any] = {"name": name, "folder": str(folder), "config": config,
-                           "overrides": overrides, "runs": []}  # fmt: skip
+    base, out, folder = sweep_start(config, overrides, name, "eps-sweep", "runs")
+    overrides, name = out["overrides"], out["name"]
     for eps in eps_list:
         budget = [f"attack.eps.{norm}={eps}" for norm in base.attack.norms]
-        cfg = load(config, [*overrides, *budget, f'output.name="eps-sweep-{name}/eps{eps:g}"'])
-        t = time.perf_counter()
-        result = run(cfg, progress=progress)
+        result, seconds = sweep_point(
+            config, [*overrides, *budget], f"eps-sweep-{name}/eps{eps:g}", progress=progress
+        )
         out["runs"].append({"eps": eps, "run_dir": str(result.run_dir),
-                            "wall_seconds": time.perf_counter() - t, "rows": result.rows})  # fmt: skip
+                            "wall_seconds": seconds, "rows": result.rows})  # fmt: skip
         out["layers"] = summarise_eps(out["runs"])
         write_eps_outputs(out, folder)
     return out

@@ -201,6 +201,30 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     return RunResult(run_dir=run_dir, rows=rows, timings=timings, layers=layers)
 
 
+def sweep_start(
+    config: str | None, overrides: list[str] | None, name: str | None, prefix: str, key: str
+) -> tuple[RunConfig, dict[str, Any], Path]:
+    """A sweep's base config, its summary (``key``: the list of runs) and its folder,
+    ``<output.root>/<prefix>-<name>``."""
+    overrides = list(overrides or [])
+    base = load(config, overrides)
+    name = name or base.output.name
+    folder = Path(base.output.root) / f"{prefix}-{name}"
+    out = {"name": name, "folder": str(folder), "config": config, "overrides": overrides, key: []}
+    return base, out, folder
+
+
+def sweep_point(
+    config: str | None, overrides: list[str], output_name: str, *, progress: bool = True
+) -> tuple[RunResult, float]:
+    """One run of a sweep (``advlens sweep --n`` / ``--eps``): ``config`` with ``overrides``,
+    written to ``output.name = output_name``; returns the result and its wall seconds."""
+    cfg = load(config, [*overrides, f'output.name="{output_name}"'])
+    t = time.perf_counter()
+    result = run(cfg, progress=progress)
+    return result, time.perf_counter() - t
+
+
 def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
     """The selected layers, every tappable layer's output shape and each selected width."""
     from advlens.models.taps import catalog, select_layers

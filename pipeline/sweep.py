@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,24 +91,19 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """One :func:`advlens.run.run` per size; returns (and writes) the sweep summary."""
-    from advlens.config import load
-    from advlens.run import run
+    from advlens.run import sweep_point, sweep_start
 
-    overrides = list(overrides or [])
-    base = load(config, overrides)
-    name = name or base.output.name
-    folder = Path(base.output.root) / f"sweep-{name}"
-    out: dict[str, Any] = {"name": name, "folder": str(folder), "config": config,
-                           "overrides": overrides, "sizes": []}  # fmt: skip
+    _, out, folder = sweep_start(config, overrides, name, "sweep", "sizes")
+    overrides, name = out["overrides"], out["name"]
     for n in sizes:
-        cfg = load(config, [*overrides, f"data.n={n}", f'output.name="sweep-{name}/n{n}"'])
-        t = time.perf_counter()
-        result = run(cfg, progress=progress)
+        result, seconds = sweep_point(
+            config, [*overrides, f"data.n={n}"], f"sweep-{name}/n{n}", progress=progress
+        )
         out["sizes"].append(
             {
                 "n": n,
                 "run_dir": str(result.run_dir),
-                "wall_seconds": time.perf_counter() - t,
+                "wall_seconds": seconds,
                 "timings": dict(result.timings),
                 "rows": [{k: r.get(k) for k in ROW_KEYS} for r in result.rows],
             }

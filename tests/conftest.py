@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def fresh_log_handlers():
+    """For tests that call the CLI's main(): it binds logging to the stderr of the test that
+    first ran it, which capsys closes; each test gets the root logger without handlers."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Keep each test to the machine's cores (CI has 2) and make torch deterministic."""

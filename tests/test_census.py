@@ -18,6 +18,8 @@ from torch import nn
 from advlens.cli import main as cli
 
 log = logging.getLogger(__name__)
+# cli() binds logging to the stderr of the test that first ran it; capsys closes that.
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
 
 TINY = [
     "data.source=synthetic", "data.n=40", "attack.n_iter=2", "attack.batch_size=20",
@@ -30,16 +32,6 @@ HAS_GPU = torch.cuda.is_available()
 class _Payload:
     def __reduce__(self):
         return (os.system, ("true",))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handlers():
-    """cli() binds logging to the stderr of the test that first ran it; capsys closes that."""
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers.clear()
-    yield
-    root.handlers[:] = saved
 
 
 def _free_port() -> int:

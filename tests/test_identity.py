@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -11,21 +9,14 @@ import torch
 from advlens.cli import main as cli
 from advlens.config import SHAPES, RunConfig, shaping_keys, store_identity
 
+pytestmark = pytest.mark.usefixtures("fresh_log_handlers")
+
 TINY = [
     "data.source=synthetic", "data.n=40", "attack.n_iter=2", "attack.batch_size=20",
     "attack.norms=['linf']", "layers.select=['fc1']", "layers.include_input=false",
     "embed.n_iter=250", "embed.n_jobs=1", "embed.pca_dims=10", "embed.perplexity=10",
     "overlap.bootstrap=0",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handlers():
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers.clear()
-    yield
-    root.handlers[:] = saved
 
 
 def _run(tmp_path, *extra):

@@ -471,22 +471,20 @@ def _layer_lines(ax, rows: Sequence[dict], x_key: str, xlabel: str) -> None:
 def eps_curve_figure(layers: Sequence[dict], out) -> Path:
     """Calibrated overlap against eps, one line per layer (from (0, 1)), one panel per
     attack x norm; the dotted line is the radius threshold 1/2."""
-    with _rc():
-        groups = _by_group(layers)
-        fig, axes = _sweep_axes(len(groups))
-        for ax, (g, rows) in zip(axes, groups.items(), strict=False):
-            _layer_lines(ax, rows, "eps", "eps")
-            ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
-        return _save(fig, out)
+    return _sweep_figure(layers, out, "eps", "eps")
 
 
 def matched_success_figure(layers: Sequence[dict], out) -> Path:
     """Calibrated overlap against the attack success rate (the matched-success view)."""
+    return _sweep_figure(layers, out, "success_rate", "attack success rate")
+
+
+def _sweep_figure(layers: Sequence[dict], out, x: str, xlabel: str) -> Path:
     with _rc():
         groups = _by_group(layers)
         fig, axes = _sweep_axes(len(groups))
         for ax, (g, rows) in zip(axes, groups.items(), strict=False):
-            _layer_lines(ax, rows, "success_rate", "attack success rate")
+            _layer_lines(ax, rows, x, xlabel)
             ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
         return _save(fig, out)
 
