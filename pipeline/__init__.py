@@ -9,13 +9,10 @@ The Python API (:mod:`advlens.api`): ``advlens.analyze(model, images, labels, ..
 
 __version__ = "0.1.0"
 
-import sys  # noqa: E402
-import types  # noqa: E402
-
 from advlens.errors import AdvlensError, ConfigError  # noqa: E402
 
 __all__ = ["AdvlensError", "ConfigError", "Result", "__version__", "analyze", "load_run"]
-_API = ("Result", "load_run")
+_API = ("Result", "analyze", "load_run")
 
 
 def __getattr__(name: str):
@@ -26,22 +23,3 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'advlens' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """``advlens.analyze`` is the API function, although the layer-task module has that name
-    too: importing the module sets the package attribute, which must not hide the function.
-    The module stays importable as ``from advlens.analyze import LayerTask``."""
-
-    @property
-    def analyze(self):
-        from advlens.api import analyze
-
-        return analyze
-
-    @analyze.setter
-    def analyze(self, value) -> None:  # the import system binding the submodule
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

@@ -135,7 +135,7 @@ def _has_results(run_dir: Path) -> bool:
 
 
 def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
-    from advlens.analyze import run_layer_task
+    from advlens.layer_task import run_layer_task
     from advlens.models import fingerprint
     from advlens.schedule import check_plan, plan_cluster, release_device, run_tasks
 
@@ -239,8 +239,8 @@ def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
 
 def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
     """One layer task per store x layer x engine x seed x perplexity."""
-    from advlens.analyze import LayerTask
     from advlens.embed import resolve_engine
+    from advlens.layer_task import LayerTask
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"

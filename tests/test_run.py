@@ -72,7 +72,7 @@ def test_rerun_resumes_and_other_settings_are_refused(eps_zero, capsys):
 
 def test_far_shift_gives_no_overlap(tmp_path):
     # A "perturbation" far outside the data: the twins form their own cloud on every layer.
-    from advlens.analyze import LayerTask, run_layer_task
+    from advlens.layer_task import LayerTask, run_layer_task
     from advlens.store import ActivationStore
 
     rng = np.random.default_rng(1)

@@ -399,8 +399,8 @@ def tiny_store(tmp_path_factory) -> Path:
 
 def layer_tasks(store: Path, run_dir: Path) -> list:
     """One real layer task per layer, on a private copy of ``store`` (tasks write into it)."""
-    from advlens.analyze import LayerTask
     from advlens.config import EmbedConfig, OverlapConfig
+    from advlens.layer_task import LayerTask
 
     copy = run_dir / store.name
     shutil.copytree(store, copy)
@@ -439,7 +439,7 @@ def results(rows: list[dict], run_dir: Path) -> list:
 
 def held(marker_dir: Path, hold: float):
     """run_layer_task, after leaving a marker ``<layer>@<pid>@<uuid>`` and waiting ``hold`` s."""
-    from advlens.analyze import run_layer_task
+    from advlens.layer_task import run_layer_task
 
     def call(task):
         Path(marker_dir, f"{task.layer}@{os.getpid()}@{uuid.uuid4().hex}").touch()
@@ -453,7 +453,7 @@ def test_cli_cluster_matches_in_process_and_survives_a_killed_worker(
     cli_cluster, tiny_store, tmp_path
 ):
     """Real layer tasks (reduce, t-SNE, overlap) on `dask scheduler` + two `dask worker`s."""
-    from advlens.analyze import run_layer_task
+    from advlens.layer_task import run_layer_task
 
     address, pids = cli_cluster
     runs = {name: tmp_path / name for name in ("local", "cluster", "killed", "markers")}

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from advlens.analyze import LayerTask, run_layer_task
 from advlens.config import EmbedConfig, OverlapConfig
 from advlens.kernels.metrics import auto_k, chance
+from advlens.layer_task import LayerTask, run_layer_task
 from advlens.report.tables import ARTEFACT_GAP
 from advlens.store import ActivationStore
 
