@@ -240,7 +240,12 @@ def test_maps_render_and_a_click_selects_the_twin_in_every_layer(report, tmp_pat
             )
             return maps, drawn, before, after, relabelled, fields, state, dt.errors()
         finally:
+            # close() only starts the closing handshake; the loop ends before Chromium answers,
+            # so the socket itself is closed here (else it leaks to the end of the session).
+            stream = dt.ws.protocol.stream if dt.ws.protocol is not None else None
             dt.ws.close()
+            if stream is not None:
+                stream.close()
             proc.terminate()
             proc.wait(timeout=30)
 
