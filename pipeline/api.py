@@ -331,15 +331,11 @@ def _digest_data(data) -> str:
 
 
 def _digest_model(model) -> str:
-    """Hash of the weights and buffers: a changed model makes a new store, never a stale one."""
-    import torch
+    """Hash of the class, weights and buffers: a changed model makes a new store, never a
+    stale one."""
+    from advlens.models import weights_digest
 
-    h = hashlib.sha1(type(model).__qualname__.encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_digest(model, hashlib.sha1(type(model).__qualname__.encode()))[:16]
 
 
 __all__ = ["Result", "analyze", "load_run"]

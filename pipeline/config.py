@@ -553,7 +553,7 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
     work (see advlens.run).
     """
     from advlens.data import SOURCES
-    from advlens.embed import TSNEParams
+    from advlens.embed import TSNEParams, max_perplexity
     from advlens.kernels.metrics import auto_k
 
     if not data_given and cfg.data.source not in SOURCES:
@@ -573,7 +573,7 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
     dropped = [k for k in cfg.overlap.k_sweep if k >= points]
     if dropped:
         log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
-    limit = max_perplexity(cfg.data.n)
+    limit = max_perplexity(points)
     for perp in cfg.embed.perplexity_list:
         if perp > limit:
             # Lowered in every engine alike; the row records it as perplexity_used.
@@ -583,8 +583,3 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
                 perp, cfg.data.n, points, limit,
             )  # fmt: skip
     return cfg
-
-
-def max_perplexity(n: int) -> float:
-    """The largest perplexity a joint map of ``n`` clean + ``n`` perturbed points allows."""
-    return (2 * n - 1) / 3.0

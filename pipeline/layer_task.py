@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from advlens._io import record, write_json, write_npz
-from advlens.config import EmbedConfig, OverlapConfig, max_perplexity, shaping
+from advlens.config import EmbedConfig, OverlapConfig, shaping
 from advlens.errors import StoreError
 from advlens.report.tables import ARTEFACT_GAP, read_task_map, read_task_row
 
@@ -103,7 +103,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     if done is not None:
         return done
 
-    from advlens.embed import TSNEParams, embed
+    from advlens.embed import TSNEParams, embed, max_perplexity
     from advlens.kernels.metrics import VARIANTS
     from advlens.overlap import (
         detector_auc,
@@ -155,7 +155,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "k_setting": ov.k,
         "n": n,
         # embed() lowers a perplexity too large for the map (advlens.config.validate warns)
-        "perplexity_used": min(float(task.perplexity), max_perplexity(n)),
+        "perplexity_used": min(float(task.perplexity), max_perplexity(2 * n)),
         "success_rate": float(np.mean(samples["success"])),
         "overlap": sweep[("overlap", k)].value,
         "mixing": sweep[("mixing", k)].value,

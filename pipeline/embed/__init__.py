@@ -225,6 +225,12 @@ def _check_input(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def max_perplexity(n_points: int) -> float:
+    """The largest perplexity ``n_points`` allow (3 x perplexity neighbours, openTSNE's rule);
+    :func:`embed` lowers a larger one to this in every engine alike."""
+    return (n_points - 1) / 3.0
+
+
 def embed(
     x: np.ndarray,
     *,
@@ -251,7 +257,7 @@ def embed(
         params = dataclasses.replace(params, **overrides)
     x = _check_input(x)
     n = x.shape[0]
-    limit = (n - 1) / 3.0
+    limit = max_perplexity(n)
     if params.perplexity > limit:
         # Too few points for 3 * perplexity neighbours: lower it the way openTSNE does, here
         # once for every engine so that they still agree.

@@ -93,6 +93,18 @@ def resolve_device(name: str = "auto"):
     return device
 
 
+def weights_digest(model, h) -> str:
+    """``h`` (a hashlib object) fed with every tensor of ``model``'s state dict (names, dtypes,
+    shapes, bytes); its hex digest."""
+    import torch
+
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(cfg, model) -> dict[str, str]:
     """Content hashes that identify a built model, for the store's identity.
 
@@ -100,14 +112,7 @@ def fingerprint(cfg, model) -> dict[str, str]:
     wherever the weights came from (a checkpoint, the trained cache, a Keras file); for a
     ``module:factory`` model, ``source_sha256`` hashes the module's source file.
     """
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    out = {"weights_sha256": h.hexdigest()}
+    out = {"weights_sha256": weights_digest(model, hashlib.sha256())}
     module_name, sep, _ = cfg.name.partition(":")
     if sep and module_name not in ("torchvision", "timm"):
         module = importlib.import_module(module_name)
