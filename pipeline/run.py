@@ -331,8 +331,9 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
-    """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline."""
+def build_attack(cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None):
+    """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline.
+    ``sub_batch``: images per forward/backward pass (:func:`advlens.extract.plan_sub_batch`)."""
     from advlens.attacks import Unperturbed, get_attack
 
     a = cfg.attack
@@ -341,7 +342,7 @@ def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
         return Unperturbed(name=name, norm=norm, eps=0.0, seed=a.seed)
     return get_attack(
         name, norm, eps, n_iter=a.n_iter, n_restarts=a.n_restarts, rho=a.rho, seed=a.seed,
-        autocast_bf16=a.autocast_bf16, channels_last=a.channels_last,
+        autocast_bf16=a.autocast_bf16, channels_last=a.channels_last, sub_batch=sub_batch,
     )  # fmt: skip
 
 
@@ -506,16 +507,23 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
 def _attack_and_extract(
     cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress, model_id
 ) -> Path:
-    from advlens.extract import extract
+    from advlens.extract import extract, plan_queue, plan_sub_batch
     from advlens.store import ActivationStore
 
     a = cfg.attack
-    attack = build_attack(cfg, attack_name, norm, eps)
+    sub_batch = plan_sub_batch(model, samples.images.shape[1:], a.batch_size, a.memory_mb)
+    attack = build_attack(cfg, attack_name, norm, eps, sub_batch=sub_batch)
     # Only what shapes the activations (config.setting(shapes="store")) and the model's
     # content decide whether an existing store can be resumed.
     full = cfg.to_dict()
     identity = store_identity(cfg, attack_name, norm, eps)
     identity["model"] |= model_id
+    if sub_batch is not None:
+        # Convolutions and products may round a row differently in another sub-batch size,
+        # and APGD can amplify a last-bit change: the sub-batch is part of what was stored.
+        identity["attack"]["sub_batch"] = sub_batch
+        log.info("%s %s: attack and taps in sub-batches of %d images (attack.memory_mb = %d)",
+                 attack_name, norm, sub_batch, a.memory_mb)  # fmt: skip
     attrs = {
         "config": identity,
         "run_config": full,
@@ -544,8 +552,15 @@ def _attack_and_extract(
             pool=cfg.layers.pool,
             progress=progress,
             seed=a.seed,
-        )
+            sub_batch=sub_batch,
+            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * _itemsize(cfg),
+                                 a.memory_mb),
+        )  # fmt: skip
     return path
+
+
+def _itemsize(cfg: RunConfig) -> int:
+    return 2 if cfg.output.dtype == "float16" else 4
 
 
 def _slug(name: str) -> str:

@@ -10,7 +10,10 @@
 - returns for every attacked input a real perturbed twin (the best point the attack found),
   inside the eps-ball of ``norm`` and inside [0, 1];
 - draws its randomness from a generator seeded by ``seed`` (per call: ``seed=``), so the same
-  inputs and seed give bit-identical outputs on the CPU.
+  inputs and seed give bit-identical outputs on the CPU;
+- with ``sub_batch`` set, runs its forward and backward passes on at most that many images at a
+  time (memory bounded by the sub-batch, not the batch). APGD draws its random starts for the
+  whole batch first, so the random streams do not change (docs/design.md, "Extraction memory").
 
 A model left in training mode is switched to eval mode, with a warning through ``logging``
 (``warnings`` would turn into errors under the test suite's ``filterwarnings = error``).
@@ -101,6 +104,22 @@ def check_seed(seed: Any) -> int:
 FLOAT16_MAX = 65504.0
 
 
+def check_sub_batch(sub_batch: Any) -> int | None:
+    """``sub_batch`` (None, or an integer >= 1), or ConfigError."""
+    if sub_batch is None:
+        return None
+    if isinstance(sub_batch, bool) or not isinstance(sub_batch, int) or sub_batch < 1:
+        raise ConfigError(f"attack sub_batch = {sub_batch!r}: must be an integer >= 1 (or None)")
+    return sub_batch
+
+
+def chunks(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)`` (one slice without
+    ``size``)."""
+    size = int(size) if size else max(n, 1)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
 def check_finite(t: torch.Tensor, what: str, *, dtype: str | None = None) -> None:
     """Refuse NaN or infinite values in ``t`` (B, ...), counting the samples that hold them.
 
@@ -177,11 +196,13 @@ class Attack:
     seed: int = 0
     autocast_bf16: bool = False
     channels_last: bool = False
+    sub_batch: int | None = None  # images per forward/backward pass; None: the whole batch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", check_norm(self.norm))
         object.__setattr__(self, "eps", check_eps(self.eps))
         object.__setattr__(self, "seed", check_seed(self.seed))
+        check_sub_batch(self.sub_batch)
 
     @property
     def min_classes(self) -> int:
@@ -207,7 +228,7 @@ class Attack:
             # Which rows are correct, and which attacks succeed, is decided in float32 without
             # autocast: the pass whose activations extract.py stores. bf16 is for the search.
             with torch.no_grad():
-                clean_logits = model(x).float()
+                clean_logits = self.forward_chunks(model, x)
             check_finite(clean_logits, f"attack {self.name}: the clean forward's logits")
             n_classes = clean_logits.shape[1]
             if n_classes < self.min_classes:
@@ -228,7 +249,7 @@ class Attack:
                 x_sub = self._perturb(model, x[idx], y[idx], seed)
                 x_adv[idx] = enforce_constraints(x[idx], x_sub.to(x.dtype), self.norm, self.eps)
             with torch.no_grad():
-                pred_adv = model(x_adv).float().argmax(dim=1)
+                pred_adv = self.forward_chunks(model, x_adv).argmax(dim=1)
             success = attacked & (pred_adv != y)
             return AttackResult(
                 x_adv=x_adv.detach(),
@@ -237,6 +258,12 @@ class Attack:
                 pred_clean=pred_clean,
                 pred_adv=pred_adv,
             )
+
+    def forward_chunks(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``model(x)``, computed ``sub_batch`` images at a time."""
+        if not self.sub_batch or len(x) <= self.sub_batch:
+            return model(x).float()
+        return torch.cat([model(x[s]).float() for s in chunks(len(x), self.sub_batch)])
 
     def _prepare(self, model, x, y):
         if not isinstance(model, torch.nn.Module):
@@ -324,7 +351,8 @@ def get_attack(
     n_iter, n_restarts, rho, seed : APGD's settings (Croce & Hein 2020); foolbox attacks take
         ``n_iter`` as their ``steps`` when they have such a parameter.
     **kw : ``autocast_bf16`` (bf16 autocast of the forward passes), ``channels_last`` (inputs
-        and, in place, the model's parameters), ``n_target_classes`` (apgd-t, default 9);
+        and, in place, the model's parameters), ``sub_batch`` (images per forward/backward
+        pass), ``n_target_classes`` (apgd-t, default 9);
         other keywords go to the foolbox attack's constructor.
     """
     norm = check_norm(norm)
@@ -340,6 +368,7 @@ def get_attack(
         "seed": seed,
         "autocast_bf16": bool(kw.pop("autocast_bf16", False)),
         "channels_last": bool(kw.pop("channels_last", False)),
+        "sub_batch": check_sub_batch(kw.pop("sub_batch", None)),
     }
     key = name.lower()
     if key in APGD_LOSSES:
@@ -350,7 +379,7 @@ def get_attack(
         if extra:
             raise ConfigError(
                 f"attack {name!r} does not take {', '.join(extra)}; it takes n_iter, n_restarts, "
-                f"rho, seed, autocast_bf16, channels_last{', n_target_classes' if allowed else ''}"
+                f"rho, seed, autocast_bf16, channels_last, sub_batch{', n_target_classes' if allowed else ''}"
             )
         return APGD(
             name=key,
@@ -380,6 +409,8 @@ __all__ = [
     "AttackResult",
     "check_eps",
     "check_norm",
+    "check_sub_batch",
+    "chunks",
     "enforce_constraints",
     "get_attack",
     "list_attacks",

@@ -112,6 +112,36 @@ def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
     return infos
 
 
+def activation_values(model: nn.Module, in_shape: Sequence[int]) -> int:
+    """Values per sample that one forward pass produces across all leaf modules.
+
+    The outputs of an in-place module (``ReLU(inplace=True)``) share their input's storage and
+    are counted once. Autograd keeps about this much per sample for the backward pass, which
+    is what sizes an attack's memory (see :func:`advlens.extract.plan_sub_batch`).
+    """
+    seen: dict[int, int] = {}
+    keep: list[torch.Tensor] = []  # held so that no storage is reused during the probe
+
+    def fn(_m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            keep.append(out)
+            seen[out.untyped_storage().data_ptr()] = out.numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(fn) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.zeros((1, *[int(s) for s in in_shape]), device=_device(model))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(sum(seen.values()))
+
+
 def select_layers(
     catalog: Sequence[LayerInfo], patterns: Sequence[str], include_input: bool = True
 ) -> list[str]:
