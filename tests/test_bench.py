@@ -204,3 +204,17 @@ def test_synthetic_data_has_exactly_the_asked_size_and_its_clusters():
     # each point is nearer its own cluster's mean than any other: the clusters are known
     d = ((x[:, None, :] - means[None]) ** 2).sum(axis=2)
     assert (d.argmin(axis=1) == labels).mean() > 0.99
+
+
+def test_sizes_beyond_fashion_mnist_run_on_the_synthetic_mixture(tmp_path):
+    """auto: Fashion-MNIST up to its 70,000 images, the synthetic mixture above; each row
+    records the n it really ran and its data."""
+    from advlens.bench import FMNIST_POINTS, data_for_size, run_bench
+
+    assert data_for_size("auto", FMNIST_POINTS) == "fashion-mnist"
+    assert data_for_size("auto", FMNIST_POINTS + 1) == "synthetic"
+    assert data_for_size("synthetic", 10) == "synthetic"
+    result = run_bench(engines=["opentsne"], sizes=[120, 200], data="synthetic", n_iter=250,
+                       n_jobs=1, sample=100, baseline=False)  # fmt: skip
+    assert [(r["n"], r["status"]) for r in result["results"]] == [(120, "ok"), (200, "ok")]
+    assert all("Gaussian clusters in 50-D" in r["data"] for r in result["results"])
