@@ -484,7 +484,9 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
             f"data.n = {cfg.data.n}, but only {len(correct)} of the {len(data.labels)} "
             f"{data.name} {cfg.data.split} images are classified correctly (only those are "
             "attacked); lower data.n"
-        )
+            + (" or use the training split: --set data.split=train" if cfg.data.split == "test"
+               else "")
+        )  # fmt: skip
     accuracy = len(correct) / len(data.labels)
     log.info("clean accuracy %.4f on %d %s images", accuracy, len(data.labels), data.name)
     picked = correct[stratified_sample(data.labels[correct], cfg.data.n, cfg.data.seed)]
