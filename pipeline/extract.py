@@ -126,11 +126,11 @@ def extract(
                 y = torch.from_numpy(np.ascontiguousarray(dataset.labels[r0:r1])).to(device)
                 with forward_ticks(model, pb, r1 - r0, expected) as ticks:
                     res = attack(model, x, y, seed=batch_seed(base, batch))
-                clean = _tap_host(model, x, layers, pool, sub_batch, cast, store.dtype,
+                clean = _tap_host(model, x, layers, pool, sub_batch, cast, store,
                                   f"clean activations of batch {batch}")  # fmt: skip
-                adv = _tap_host(model, res.x_adv, layers, pool, sub_batch, cast, store.dtype,
+                adv = _tap_host(model, res.x_adv, layers, pool, sub_batch, cast, store,
                                 f"perturbed activations of batch {batch}")  # fmt: skip
-                acts = {name: (clean[name], adv[name]) for name in layers}
+                acts = {name: (clean[name], adv[name]) for name in store.stored_layers}
                 samples: dict[str, Any] = {
                     "index": dataset.index[r0:r1],
                     "label": dataset.labels[r0:r1],
@@ -143,8 +143,9 @@ def extract(
                 pb.update(ticks.left)
 
 
-def _tap_host(model, x, layers, pool, sub_batch, cast, dtype: str, what: str):
-    """``{layer: (B, D) array in the store dtype}``, tapped ``sub_batch`` images at a time."""
+def _tap_host(model, x, layers, pool, sub_batch, cast, store, what: str):
+    """``{layer: (B, D) array in the store dtype}`` for the layers the store keeps (not its
+    aliases, which are checked to be the same tensor), ``sub_batch`` images at a time."""
     import torch
 
     from advlens.attacks import check_finite, chunks
@@ -153,9 +154,9 @@ def _tap_host(model, x, layers, pool, sub_batch, cast, dtype: str, what: str):
     out: dict[str, np.ndarray] = {}
     for rows in chunks(len(x), sub_batch):
         with torch.no_grad():
-            _, acts = tap_forward(model, x[rows], layers, pool=pool)
-        for name in layers:  # before the cast: float16 would turn overflow into inf
-            check_finite(acts[name], f"layer {name!r}: {what}", dtype=dtype)
+            _, acts = tap_forward(model, x[rows], layers, pool=pool, aliases=store.aliases)
+        for name in store.stored_layers:  # before the cast: float16 would turn overflow into inf
+            check_finite(acts[name], f"layer {name!r}: {what}", dtype=store.dtype)
             host = _host(acts.pop(name), cast)
             if rows.start == 0 and rows.stop == len(x):
                 out[name] = host

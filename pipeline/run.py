@@ -152,7 +152,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     t = time.perf_counter()
     model, data, device = _model_and_data(cfg, model, data)
     timings["model"] = time.perf_counter() - t
-    layers, shapes, widths = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
+    layers, shapes, widths, aliases = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
     model_id = fingerprint(cfg.model, model)
 
     t = time.perf_counter()
@@ -168,12 +168,13 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
             eps = cfg.attack.eps_for(norm, data.name)
             path = _attack_and_extract(
                 cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress,
-                model_id,
+                model_id, aliases,
             )  # fmt: skip
             stores.append((attack_name, norm, eps, path.resolve()))
     timings["attack+extract"] = time.perf_counter() - t
 
-    tasks = _tasks(cfg, stores, layers, run_dir, device)
+    # An alias is the same tensor as its layer: its task would repeat that layer's to the bit.
+    tasks = _tasks(cfg, stores, [x for x in layers if x not in aliases], run_dir, device, layers)
     t = time.perf_counter()
     if plan_cluster(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus).kind != "in-process":
         model = release_device(model, device)  # GPU workers get the driver's GPU memory back
@@ -186,6 +187,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
         retries=s.retries,
         progress=progress,
     )
+    rows = alias_rows(rows, aliases, layers)
     timings["layers"] = time.perf_counter() - t
     for stage in ("reduce", "embed", "overlap"):
         timings[stage] = float(sum(r.get(f"seconds_{stage}") or 0.0 for r in rows))
@@ -226,19 +228,34 @@ def sweep_point(
 
 
 def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
-    """The selected layers, every tappable layer's output shape and each selected width."""
-    from advlens.models.taps import catalog, select_layers
+    """The selected layers, every tappable layer's output shape, each selected width and the
+    aliases among the selected layers (``{alias: layer}``: the same tensor, stored once)."""
+    from advlens.models.taps import catalog, layer_aliases, select_layers
 
     cat = catalog(model, in_shape)
     layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
     shapes = {info.name: info.shape for info in cat}
     dims = {info.name: info.dim(cfg.layers.pool) for info in cat}
     widths = {name: dims[name] for name in layers}
-    return layers, shapes, widths
+    return layers, shapes, widths, layer_aliases(cat, layers)
 
 
-def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
-    """One layer task per store x layer x engine x seed x perplexity."""
+def alias_rows(rows: list[dict], aliases: dict[str, str], layers: list[str]) -> list[dict]:
+    """``rows`` plus, for every alias, a copy of its layer's rows under the alias's name and
+    index, marked ``alias_of`` (the map and numbers are the layer's: the same tensor)."""
+    out = list(rows)
+    for alias, layer in aliases.items():
+        for r in rows:
+            if r.get("layer") == layer:
+                out.append(r | {"layer": alias, "layer_index": layers.index(alias),
+                                "alias_of": layer})  # fmt: skip
+    return sorted(out, key=lambda r: (str(r.get("attack")), str(r.get("norm")),
+                                      r.get("layer_index") or 0))  # fmt: skip
+
+
+def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str, order=None) -> list:
+    """One layer task per store x layer x engine x seed x perplexity; a task's layer index is
+    its place in ``order`` (default: ``layers``)."""
     from advlens.embed import resolve_engine
     from advlens.layer_task import LayerTask
 
@@ -259,7 +276,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
             norm=norm,
             eps=eps,
             layer=layer,
-            layer_index=i,
+            layer_index=(order or layers).index(layer),
             engine=engine,
             seed=seed,
             perplexity=perp,
@@ -268,7 +285,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
             device=task_device,
         )
         for (a, norm, eps, path) in stores
-        for i, layer in enumerate(layers)
+        for layer in layers
         for engine in engines
         for seed in cfg.embed.seed_list
         for perp in cfg.embed.perplexity_list
@@ -290,16 +307,17 @@ def dry_run(cfg: RunConfig) -> str:
         dataclasses.replace(cfg.model, device="cpu"), cfg.data.source, in_shape, n_classes,
         weights=False,
     )  # fmt: skip
-    layers, shapes, widths = _layer_plan(cfg, model, in_shape)
+    layers, shapes, widths, aliases = _layer_plan(cfg, model, in_shape)
     run_dir = cfg.output.run_dir.resolve()
     n, itemsize = cfg.data.n, np.dtype(cfg.output.dtype).itemsize
-    store_bytes = 2 * n * sum(widths.values()) * itemsize  # clean + perturbed, uncompressed
+    stored = {name: w for name, w in widths.items() if name not in aliases}
+    store_bytes = 2 * n * sum(stored.values()) * itemsize  # clean + perturbed, uncompressed
     stores = [
         (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{_slug(a)}-{norm}.zarr")
         for a in cfg.attack.attack_names
         for norm in cfg.attack.norms
     ]
-    tasks = _tasks(cfg, stores, layers, run_dir, "cpu")
+    tasks = _tasks(cfg, stores, list(stored), run_dir, "cpu", layers)
     done = sum(t.row_path.exists() for t in tasks)
     lines = [f"advlens run --dry-run: {run_dir}/ ({'exists' if run_dir.exists() else 'new'})"]
     lines.append(f"stores ({len(stores)}, {n} clean + {n} perturbed samples each, "
@@ -311,10 +329,12 @@ def dry_run(cfg: RunConfig) -> str:
     width = max(len(name) for name in layers)
     for name in layers:
         per = 2 * n * widths[name] * itemsize
+        size = f"alias of {aliases[name]}, stored once" if name in aliases else (
+            f"{_size(per)} per store")  # fmt: skip
         lines.append(f"  {name:<{width}}  {str(tuple(shapes[name])):<16} dim {widths[name]:>8}"
-                     f"  {_size(per)} per store")  # fmt: skip
+                     f"  {size}")  # fmt: skip
     lines.append(
-        f"layer tasks: {len(tasks)} = {len(stores)} stores x {len(layers)} layers x "
+        f"layer tasks: {len(tasks)} = {len(stores)} stores x {len(stored)} layers x "
         f"{len(cfg.embed.engine_names)} engines x {len(cfg.embed.seed_list)} seeds x "
         f"{len(cfg.embed.perplexity_list)} perplexities; {done} already done"
     )
@@ -507,7 +527,18 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
 
 
 def _attack_and_extract(
-    cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress, model_id
+    cfg,
+    model,
+    samples,
+    attack_name,
+    norm,
+    eps,
+    layers,
+    widths,
+    device,
+    progress,
+    model_id,
+    aliases=None,
 ) -> Path:
     from advlens.extract import extract, plan_queue, plan_sub_batch
     from advlens.store import ActivationStore
@@ -542,6 +573,7 @@ def _attack_and_extract(
         dtype=cfg.output.dtype,
         attrs=attrs,
         overwrite=cfg.output.overwrite,
+        aliases=aliases,
     )
     if not store.is_complete():
         extract(
