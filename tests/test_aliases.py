@@ -119,3 +119,11 @@ def test_a_run_stores_and_computes_an_alias_once_and_reports_both_names(tmp_path
     with open(tmp_path / "run" / "metrics.csv", newline="") as fh:
         table = {r["layer"]: r for r in csv.DictReader(fh)}
     assert table["stem"]["alias_of"] == "stem.1" and table["stem.1"]["alias_of"] == ""
+
+
+def test_wrn_groups_are_aliases_of_their_last_block():
+    from advlens.models.wrn import WideResNet
+
+    cat = {i.name: i.alias_of for i in catalog(WideResNet(10, 1).eval(), (3, 32, 32))}
+    assert cat["block1"] == "block1.layer.0" and cat["block3"] == "block3.layer.0"
+    assert cat["relu"] is None and cat["block2.layer.0"] is None
