@@ -101,17 +101,7 @@ def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        x = torch.zeros((1, *[int(s) for s in in_shape]), device=_device(model))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _probe(model, in_shape, {modules[n]: hook(n) for n in names})
     auto = _auto_names(model)
     first: dict[tuple, str] = {}
     alias: dict[str, str] = {}
@@ -124,6 +114,22 @@ def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
     if not any(i.auto for i in infos):  # e.g. a single Sequential child: then all are main
         infos = [dataclasses.replace(i, auto=i.name != INPUT) for i in infos]
     return infos
+
+
+def _probe(model: nn.Module, in_shape: Sequence[int], hooks: dict) -> None:
+    """One forward pass of a zero image in eval mode, without gradients, with ``hooks``
+    ({module: forward hook}) registered for it only."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.zeros((1, *[int(s) for s in in_shape]), device=_device(model))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -166,18 +172,7 @@ def activation_values(model: nn.Module, in_shape: Sequence[int]) -> int:
             keep.append(out)
             seen[out.untyped_storage().data_ptr()] = out.numel()
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(fn) for m in leaves]
-    was_training = model.training
-    try:
-        model.eval()
-        x = torch.zeros((1, *[int(s) for s in in_shape]), device=_device(model))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _probe(model, in_shape, {m: fn for m in model.modules() if not any(True for _ in m.children())})
     return int(sum(seen.values()))
 
 
