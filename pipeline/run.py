@@ -243,6 +243,8 @@ def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
 def alias_rows(rows: list[dict], aliases: dict[str, str], layers: list[str]) -> list[dict]:
     """``rows`` plus, for every alias, a copy of its layer's rows under the alias's name and
     index, marked ``alias_of`` (the map and numbers are the layer's: the same tensor)."""
+    if not aliases:
+        return rows
     out = list(rows)
     for alias, layer in aliases.items():
         for r in rows:
