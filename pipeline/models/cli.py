@@ -2,6 +2,8 @@
 
 Layers marked * are the main stage outputs that ``layers.select = ["auto"]`` picks;
 ``all`` picks every listed layer. Names and globs from this list go into ``layers.select``.
+A layer shown as ``= other`` returns the very tensor ``other`` does (WRN's ``block1`` is
+``block1.layer.3``): selected together, it is stored and analysed once.
 No weights are loaded (a small-cnn is not trained just to list its layers); ``denser``
 needs ``--checkpoint``, the HDF5 file that holds its architecture.
 
@@ -65,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         if chosen is not None and i.name not in chosen:
             continue
         mark = "*" if i.auto else " "
-        print(f"{mark} {i.name:<{width}}  {str(i.shape):<16} {i.dim(args.pool):>8}")
+        alias = f"  = {i.alias_of} (the same tensor, stored once)" if i.alias_of else ""
+        print(f"{mark} {i.name:<{width}}  {str(i.shape):<16} {i.dim(args.pool):>8}{alias}")
     return 0
 
 
