@@ -464,7 +464,7 @@ def test_layers_cli(capsys):
     lines = [line.split() for line in out.splitlines()[2:]]
     assert len(lines) == 19
     assert ["*", "block1", "(160,", "32,", "32)", "163840"] in [x[:6] for x in lines]
-    assert ["163840", "=", "block1.layer.3"] == lines[6][6:9] and lines[6][1] == "block1"
+    assert ["163840", "=", "block1.layer.3"] == lines[6][5:8] and lines[6][1] == "block1"
     assert any(line[:2] == ["block3.layer.2", "(640,"] for line in lines)
     out = run_layers(["--model", "wrn-16-2", "--select", "auto", "--pool", "gap"], capsys)
     assert "block2.layer.0" not in out and out.split("block2")[1].split("\n")[0].split()[-1] == "64"
