@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         if chosen is not None and i.name not in chosen:
             continue
         mark = "*" if i.auto else " "
-        alias = f"  = {i.alias_of} (the same tensor, stored once)" if i.alias_of else ""
+        shown = i.alias_of and (chosen is None or i.alias_of in chosen)
+        alias = f"  = {i.alias_of} (the same tensor, stored once)" if shown else ""
         print(f"{mark} {i.name:<{width}}  {str(i.shape):<16} {i.dim(args.pool):>8}{alias}")
     return 0
 
