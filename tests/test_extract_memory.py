@@ -139,3 +139,20 @@ def test_memory_budget_is_checked_at_load(value):
 def test_sub_batch_is_checked():
     with pytest.raises(ConfigError, match="sub_batch"):
         get_attack("apgd-ce", "linf", 0.1, sub_batch=0)
+
+
+def test_the_sub_batch_is_part_of_the_store_identity(tmp_path):
+    import advlens
+
+    model = tiny_model()
+    data = labelled(120, model)
+    kw = dict(layers=["4"], norm="linf", eps=0.1, n=100, engine="opentsne", out=tmp_path / "r",
+              progress=False, attack__n_iter=2, attack__batch_size=100, embed__n_iter=250,
+              n_jobs=1, pca_dims=5, bootstrap=0)  # fmt: skip
+    sub = plan_sub_batch(model, (1, 8, 8), 100, 1)  # 1 MiB: half of it fits ~70 images
+    assert sub is not None and 8 <= sub < 100
+    advlens.analyze(model, data.images, data.labels, attack__memory_mb=1, **kw)
+    (path,) = (tmp_path / "r").glob("*.zarr")
+    assert ActivationStore.open(path).attrs["config"]["attack"]["sub_batch"] == sub
+    with pytest.raises(advlens.errors.StoreError, match="sub_batch"):
+        advlens.analyze(model, data.images, data.labels, attack__memory_mb=0, **kw)
