@@ -88,6 +88,34 @@ class DataConfig:
             raise ConfigError(f"data.n = {self.n}: the number of samples must be at least 3")
 
 
+ADVERSARIAL = ("pgd-linf",)
+
+
+@dataclass(frozen=True)
+class AdvRecipe:
+    """Adversarial training (Madry et al.): PGD under ``method``'s norm with budget ``eps`` and
+    ``steps`` steps of ``2.5 * eps / steps`` from a uniform random start."""
+
+    method: str = "pgd-linf"
+    eps: float = 0.1
+    steps: int = 7
+
+    def __post_init__(self) -> None:
+        if self.method not in ADVERSARIAL:
+            raise ConfigError(
+                f"adversarial = {self.method!r}: valid methods are {', '.join(ADVERSARIAL)}"
+            )
+        if not 0 < self.eps < 1 or self.steps < 1:
+            raise ConfigError(
+                f"adversarial training eps = {self.eps}, steps = {self.steps}: use 0 < eps < 1 "
+                "(images lie in [0, 1]) and steps >= 1"
+            )
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}-e{self.eps:g}-k{self.steps}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network: a zoo name (small-cnn, wrn-28-10, denser) or ``module:factory``."""
@@ -125,8 +153,6 @@ class ModelConfig:
         if self.adversarial in ("none", ""):  # --set model.adversarial=none: the standard model
             object.__setattr__(self, "adversarial", None)
         if self.adversarial is not None:  # checked here, before any data or model is touched
-            from advlens.train import AdvRecipe
-
             AdvRecipe(self.adversarial, self.adversarial_eps, self.adversarial_steps)
 
 

@@ -426,11 +426,13 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
     from advlens.models import build_model
     from advlens.reduce import resolve_device
     from advlens.schedule import driver_device
+    from advlens.train import ensure_weights
 
     device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     if model is None:
+        ensure_weights(cfg.model, data.name)  # training is the run's job, never the builder's
         model = build_model(cfg.model, data.name, tuple(data.images.shape[1:]), len(data.classes))
     model = model.to(device).eval()
     check_fit(model, data, device, cfg.model.name)

@@ -42,6 +42,7 @@ import warnings
 import numpy as np
 
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 
 NAME = "cuml"
 log = logging.getLogger(__name__)
@@ -115,9 +116,8 @@ def _construct(cls, kwargs: dict, n_iter: int):
             return cls(**kwargs, **{second: n_iter})
 
 
-def embed(x: np.ndarray, params, *, knn=None):
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     from advlens._optional import require
-    from advlens.embed import Embedding
 
     manifold = require("cuml.manifold", "the cuml t-SNE engine (cuml-cu12 or cuml-cu13)")
     t0 = time.perf_counter()

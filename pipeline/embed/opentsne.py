@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 
 NAME = "opentsne"
 
@@ -37,9 +38,8 @@ def available() -> bool:
     return has("openTSNE")
 
 
-def embed(x: np.ndarray, params, *, knn=None):
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     from advlens._optional import require
-    from advlens.embed import Embedding
 
     require("openTSNE", "the opentsne t-SNE engine")
     from openTSNE import TSNEEmbedding, affinity, nearest_neighbors

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 from advlens.errors import ConfigError
 
 NAME = "sklearn"
@@ -68,10 +69,8 @@ def _precomputed(idx: np.ndarray, dist: np.ndarray):
     return sp.csr_matrix((vals, cols, np.arange(0, n * (k + 1) + 1, k + 1)), shape=(n, n))
 
 
-def embed(x: np.ndarray, params, *, knn=None):
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     from threadpoolctl import threadpool_limits
-
-    from advlens.embed import Embedding
 
     if params.n_iter < MIN_ITER:
         raise ConfigError(

@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
+
 NAME = "torch"
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def embed(x: np.ndarray, params, *, knn=None, device: str | None = None):
+def embed(
+    x: np.ndarray,
+    params: TSNEParams,
+    *,
+    knn: KnnGraph | None = None,
+    device: str | None = None,
+) -> Embedding:
     """Embed ``x`` (n, d) with ``params``; ``knn`` an optional (idx, dist) graph."""
     import torch
 
-    from advlens.embed import Embedding, _common
     from advlens.kernels import tsne as T
 
     dev = torch.device(device or default_device())

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from advlens.errors import ConfigError
-from advlens.models import register
 
 SUPPORTED = (
     "InputLayer",
@@ -654,7 +653,6 @@ def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
     return train.images.mean(axis=0, dtype=np.float64).astype(np.float32).transpose(1, 2, 0)
 
 
-@register("denser")
 def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
     """The DENSER network in ``cfg.checkpoint`` (a Keras .h5/.hdf5 file)."""
     if not cfg.checkpoint:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from advlens.errors import ConfigError
-from advlens.models import load_checkpoint
+from advlens.models.base import load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
