@@ -19,7 +19,7 @@ default) naming the setting, the value and the closest valid names::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
@@ -72,6 +72,7 @@ class Registry(Generic[T]):
     def register(self, name: str, target: Any = None) -> Any:
         """Register ``target`` (an object or a ``"module:attr"`` string) as ``name``.
 
+        A string target is always an import target, never a value.
         Without ``target``, a decorator that registers what it decorates. Registering a name
         again replaces the entry (a user may override a built-in).
         """
@@ -116,6 +117,9 @@ class Registry(Generic[T]):
                 listing = load(p.names) if isinstance(p.names, str) else p.names
                 out += [n for n in listing() if n not in out]
         return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self._entries or self._match(name) is not None)

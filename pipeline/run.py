@@ -281,8 +281,8 @@ def dry_run(cfg: RunConfig) -> str:
     Builds the model without weights (nothing is trained or loaded) and reads only the
     dataset's image shape; nothing is written.
     """
+    from advlens.data import dataset_shape
     from advlens.models import build_model
-    from advlens.models.cli import dataset_shape
 
     _check_names(cfg)
     in_shape, n_classes = dataset_shape(cfg.data.source, cfg.data.path, cfg.data.split)

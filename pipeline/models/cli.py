@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-# Input shape and class count per dataset; models default to the dataset they were made for.
-SHAPES = {
-    "fashion-mnist": ((1, 28, 28), 10),
-    "synthetic": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
+# Models default to the dataset they were made for.
 MODEL_DATASET = {"wrn": "cifar10", "denser": "cifar10"}
 
 
@@ -43,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from advlens.config import ModelConfig
+    from advlens.data import dataset_shape
     from advlens.models import build_model
     from advlens.models.taps import catalog, select_layers
 
@@ -67,15 +63,3 @@ def main(args: argparse.Namespace) -> int:
         mark = "*" if i.auto else " "
         print(f"{mark} {i.name:<{width}}  {str(i.shape):<16} {i.dim(args.pool):>8}")
     return 0
-
-
-def dataset_shape(
-    dataset: str, data_path: str | None, split: str = "test"
-) -> tuple[tuple[int, ...], int]:
-    """Image shape (C, H, W) and class count of ``dataset``; a folder dataset is read."""
-    if dataset in SHAPES:
-        return SHAPES[dataset]
-    from advlens.data import load_dataset
-
-    ds = load_dataset(dataset, split, data_path)
-    return ds.shape, len(ds.classes)
