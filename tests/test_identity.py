@@ -28,7 +28,6 @@ def _run(tmp_path, *extra):
 def checkpoint(tmp_path):
     from advlens.config import ModelConfig
     from advlens.models import build_model
-
     from advlens.train import ensure_weights
 
     ensure_weights(ModelConfig(device="cpu"), "synthetic")
