@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from advlens import __version__
+from advlens._version import __version__
 from advlens.errors import AdvlensError
 
 # name -> (module, one-line help)

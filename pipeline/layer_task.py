@@ -22,7 +22,7 @@ import numpy as np
 from advlens._io import record, write_json, write_npz
 from advlens.config import EmbedConfig, OverlapConfig, shaping
 from advlens.errors import StoreError
-from advlens.report.tables import ARTEFACT_GAP, read_task_map, read_task_row
+from advlens.results import ARTEFACT_GAP, read_task_map, read_task_row
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from advlens import __version__
-from advlens.config import RunConfig, load, shaping_keys, store_identity, validate
+from advlens._version import __version__
+from advlens.config import RunConfig, load, shaping_keys, store_identity
+from advlens.data import SOURCES
+from advlens.embed import TSNEParams, max_perplexity
 from advlens.errors import ConfigError
+from advlens.kernels.metrics import auto_k
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,41 @@ def main(args: argparse.Namespace) -> int:
 def exit_code(rows: list[dict[str, Any]]) -> int:
     """0 when there are rows and none records an error, else 1."""
     return 0 if rows and not any(r.get("error") for r in rows) else 1
+
+
+def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
+    """Check the settings that depend on each other; needs no data, model or attack.
+
+    ``data_given``: the caller passes its own images (the Python API), so ``data.source``
+    names no dataset to load. Raises :class:`ConfigError` naming the key. Called before any
+    work (see :func:`run`). It lives here, above the stages, because it asks them (data
+    sources, t-SNE parameters); config.py itself imports no stage.
+    """
+    if not data_given and cfg.data.source not in SOURCES:
+        raise ConfigError(str(SOURCES.unknown(cfg.data.source)))
+    for seed in cfg.embed.seed_list:
+        for perp in cfg.embed.perplexity_list:
+            TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
+    points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
+    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
+    if k >= points:
+        raise ConfigError(
+            f"overlap.k = {k}: must be below the {points} points of a map "
+            f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
+        )
+    dropped = [k for k in cfg.overlap.k_sweep if k >= points]
+    if dropped:
+        log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
+    limit = max_perplexity(points)
+    for perp in cfg.embed.perplexity_list:
+        if perp > limit:
+            # Lowered in every engine alike; the row records it as perplexity_used.
+            log.warning(
+                "embed.perplexity = %g is too large for data.n = %d (%d points); the maps use "
+                "the largest allowed value, %.4g (recorded as perplexity_used)",
+                perp, cfg.data.n, points, limit,
+            )  # fmt: skip
+    return cfg
 
 
 def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunResult:

@@ -560,10 +560,10 @@ def _remove_store(path: Path) -> None:
 def _create(path: Path, *, n, layers, batch_size, dtype, attrs) -> None:
     import zarr
 
-    import advlens
+    from advlens._version import __version__
 
     own = {
-        "advlens_version": advlens.__version__,
+        "advlens_version": __version__,
         "store_format": STORE_FORMAT,
         "status": "creating",
         "n": n,
