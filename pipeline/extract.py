@@ -12,8 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from advlens.attacks import check_finite
 from advlens.errors import StoreError
+from advlens.models.taps import tap_forward
+from advlens.progress import bar, expected_forwards, forward_ticks
 
 SEED_STRIDE = 1_000_003
 
@@ -48,11 +52,6 @@ def extract(
     seed : base attack seed; default ``attack.seed`` (0 when it has none).
     max_queue : batches that may wait for the writer thread.
     """
-    import torch
-
-    from advlens.attacks import check_finite
-    from advlens.models.taps import tap_forward
-    from advlens.progress import bar, expected_forwards, forward_ticks
 
     layers = list(layers)
     if layers != store.layers:

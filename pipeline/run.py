@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import platform
@@ -30,13 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from advlens._env import device_name, versions
+from advlens._io import WRITTEN, record, remove_written
+from advlens._optional import HINTS
 from advlens._version import __version__
+from advlens.attacks import Unperturbed, check_finite, get_attack
 from advlens.config import RunConfig, load, shaping_keys, store_identity
-from advlens.data import SOURCES
-from advlens.embed import TSNEParams, max_perplexity
-from advlens.errors import ConfigError
+from advlens.data import SOURCES, dataset_shape, load_dataset, stratified_sample
+from advlens.embed import TSNEParams, get_engine, max_perplexity, resolve_engine
+from advlens.errors import ConfigError, StoreError
+from advlens.extract import extract
 from advlens.kernels.metrics import auto_k
+from advlens.layer_task import LayerTask, run_layer_task
+from advlens.models import build_model, fingerprint, get_factory
+from advlens.models import resolve_device as check_device
+from advlens.models.taps import catalog, select_layers
+from advlens.models.user import cwd_importable
+from advlens.reduce import resolve_device
+from advlens.report import summary, write_outputs
+from advlens.report.tables import read_task_row
+from advlens.schedule import check_plan, driver_device, plan_cluster, release_device, run_tasks
+from advlens.store import ActivationStore
+from advlens.train import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +109,6 @@ def main(args: argparse.Namespace) -> int:
         print(dry_run(cfg))
         return 0
     result = run(cfg, progress=not args.quiet)
-    from advlens.report import summary
 
     print(summary(result.rows, result.run_dir))
     return exit_code(result.rows)
@@ -159,7 +176,6 @@ def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunR
 
 def _has_results(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished task or a stored batch (something to resume)."""
-    from advlens.store import ActivationStore
 
     if any((run_dir / "tasks").glob("*.json")):
         return True
@@ -173,10 +189,6 @@ def _has_results(run_dir: Path) -> bool:
 
 
 def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
-    from advlens.layer_task import run_layer_task
-    from advlens.models import fingerprint
-    from advlens.schedule import check_plan, plan_cluster, release_device, run_tasks
-
     # Every setting is checked before anything is deleted, loaded or attacked.
     validate(cfg, data_given=data is not None)
     _check_names(cfg, model_given=model is not None)
@@ -229,7 +241,6 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
         timings[stage] = float(sum(r.get(f"seconds_{stage}") or 0.0 for r in rows))
 
     t = time.perf_counter()
-    from advlens.report import write_outputs
 
     provenance = _provenance(cfg, model, data, device, layers, shapes, timings)
     provenance["model"] |= model_id
@@ -265,7 +276,6 @@ def sweep_point(
 
 def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
     """The selected layers, every tappable layer's output shape and each selected width."""
-    from advlens.models.taps import catalog, select_layers
 
     cat = catalog(model, in_shape)
     layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
@@ -277,8 +287,6 @@ def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
 
 def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
     """One layer task per store x layer x engine x seed x perplexity."""
-    from advlens.embed import resolve_engine
-    from advlens.layer_task import LayerTask
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -319,8 +327,6 @@ def dry_run(cfg: RunConfig) -> str:
     Builds the model without weights (nothing is trained or loaded) and reads only the
     dataset's image shape; nothing is written.
     """
-    from advlens.data import dataset_shape
-    from advlens.models import build_model
 
     _check_names(cfg)
     in_shape, n_classes = dataset_shape(cfg.data.source, cfg.data.path, cfg.data.split)
@@ -371,7 +377,6 @@ def _size(n_bytes: float) -> str:
 
 def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
     """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline."""
-    from advlens.attacks import Unperturbed, get_attack
 
     a = cfg.attack
     if eps == 0:
@@ -389,11 +394,7 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
     ``model_given``: the caller passes its own ``nn.Module`` (the Python API), so
     ``model.name`` only labels it.
     """
-    from advlens._optional import HINTS
-    from advlens.embed import get_engine
-    from advlens.models import get_factory, resolve_device
-
-    resolve_device(cfg.model.device)
+    check_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
     if not model_given:
         get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
@@ -423,9 +424,6 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
 
 def _clear_tasks(run_dir: Path) -> None:
     """For ``--overwrite``: delete the task rows and maps advlens wrote, leave anything else."""
-    from advlens._io import WRITTEN, record, remove_written
-    from advlens.errors import StoreError
-    from advlens.report.tables import read_task_row
 
     tasks = run_dir / "tasks"
     if not tasks.is_dir():
@@ -447,10 +445,6 @@ def _clear_tasks(run_dir: Path) -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
-    from advlens.models.user import cwd_importable
-
     cwd_importable()  # found there at build time too
 
     try:
@@ -460,12 +454,6 @@ def _importable(module: str) -> bool:
 
 
 def _model_and_data(cfg: RunConfig, model=None, data=None):
-    from advlens.data import load_dataset
-    from advlens.models import build_model
-    from advlens.reduce import resolve_device
-    from advlens.schedule import driver_device
-    from advlens.train import ensure_weights
-
     device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
@@ -480,7 +468,6 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
 def check_fit(model, data, device: str, name: str) -> None:
     """One sample's forward pass: a model that cannot take the data's images, or that
     returns no logits for every class, is a ConfigError naming both shapes."""
-    import torch
 
     x = torch.as_tensor(data.images[:1], device=device)
     what = f"model {name!r} on {data.name} images of shape {tuple(x.shape)} (N, C, H, W)"
@@ -504,10 +491,6 @@ def check_fit(model, data, device: str, name: str) -> None:
 def _pick_samples(cfg: RunConfig, model, data, device: str):
     """Seeded, class-stratified sample of ``data.n`` correctly classified images, and the
     clean accuracy on the whole split."""
-    import torch
-
-    from advlens.attacks import check_finite
-    from advlens.data import stratified_sample
 
     preds = []
     with torch.no_grad():
@@ -534,7 +517,6 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
     """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
     split still classified correctly under attack, clean x (1 - success rate), since only
     correctly classified images are attacked (a seeded sample of them)."""
-    from advlens.store import ActivationStore
 
     robust = {}
     for attack, norm, _eps, path in stores:
@@ -546,9 +528,6 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
 def _attack_and_extract(
     cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress, model_id
 ) -> Path:
-    from advlens.extract import extract
-    from advlens.store import ActivationStore
-
     a = cfg.attack
     attack = build_attack(cfg, attack_name, norm, eps)
     # Only what shapes the activations (config.setting(shapes="store")) and the model's
@@ -593,8 +572,6 @@ def _slug(name: str) -> str:
 
 
 def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, Any]:
-    from advlens._env import device_name, versions
-
     libs = versions("torch", "numpy", "scipy", "scikit-learn", "openTSNE", "zarr", "dask",
                     "matplotlib", "foolbox")  # fmt: skip
     return {

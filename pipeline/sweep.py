@@ -26,7 +26,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from advlens._io import atomic_write, write_json
+from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
 from advlens.errors import ConfigError
+from advlens.run import sweep_point, sweep_start
 
 ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
             "n", "success_rate", "overlap", "calibrated", "mixing", "pair", "overlap_reduced", "auc",
@@ -49,8 +55,6 @@ def main(args: argparse.Namespace) -> int:
     if (args.n is None) == (args.eps is None):
         raise ConfigError("advlens sweep: give one of --n 500,1000 or --eps 0.01,0.05,0.1")
     if args.eps is not None:
-        from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
-
         res = run_eps_sweep(parse_eps(args.eps), config=args.config, overrides=args.overrides,
                             name=args.name, progress=not getattr(args, "quiet", False))  # fmt: skip
         print(render_eps_markdown(res))
@@ -91,7 +95,6 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """One :func:`advlens.run.run` per size; returns (and writes) the sweep summary."""
-    from advlens.run import sweep_point, sweep_start
 
     _, out, folder = sweep_start(config, overrides, name, "sweep", "sizes")
     overrides, name = out["overrides"], out["name"]
@@ -161,8 +164,6 @@ def render_markdown(out: dict[str, Any]) -> str:
 
 
 def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
-    from advlens._io import atomic_write, write_json
-
     folder = Path(folder)
     paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
     write_json(paths[0], out)
@@ -172,9 +173,6 @@ def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def _plot(out: dict[str, Any], path: Path) -> None:
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
     entries = out["sizes"]
     groups = sorted({_group(r) for e in entries for r in e["rows"]})
     fig = Figure(figsize=(5 + 4.5 * len(groups), 4.2))

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 
 from advlens._optional import MissingDependency
 from advlens.embed._common import knn_graph, recall_at_k, trustworthiness
@@ -78,10 +79,6 @@ def available_engines() -> list[str]:
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
     return bool(torch.cuda.is_available())
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from openTSNE import TSNEEmbedding, affinity, nearest_neighbors
 
+from advlens._optional import has, require
 from advlens.embed import _common
 from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 
@@ -33,16 +35,11 @@ NAME = "opentsne"
 
 
 def available() -> bool:
-    from advlens._optional import has
-
     return has("openTSNE")
 
 
 def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
-    from advlens._optional import require
-
     require("openTSNE", "the opentsne t-SNE engine")
-    from openTSNE import TSNEEmbedding, affinity, nearest_neighbors
 
     t0 = time.perf_counter()
     n = x.shape[0]

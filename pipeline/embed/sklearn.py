@@ -30,7 +30,11 @@ import logging
 import time
 
 import numpy as np
+import scipy.sparse as sp
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
+from advlens._optional import has
 from advlens.embed import _common
 from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 from advlens.errors import ConfigError
@@ -41,14 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def available() -> bool:
-    from advlens._optional import has
-
     return has("sklearn.manifold")
 
 
 def _tsne_class(ee_iter: int):
-    from sklearn.manifold import TSNE
-
     fixed = getattr(TSNE, "_EXPLORATION_MAX_ITER", None)
     if ee_iter == (fixed if fixed is not None else 250):
         return TSNE
@@ -61,8 +61,6 @@ def _tsne_class(ee_iter: int):
 
 
 def _precomputed(idx: np.ndarray, dist: np.ndarray):
-    import scipy.sparse as sp
-
     n, k = idx.shape
     cols = np.concatenate([np.arange(n)[:, None], idx], axis=1).ravel()
     vals = np.concatenate([np.zeros((n, 1)), dist.astype(np.float64)], axis=1).ravel()
@@ -70,8 +68,6 @@ def _precomputed(idx: np.ndarray, dist: np.ndarray):
 
 
 def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
-    from threadpoolctl import threadpool_limits
-
     if params.n_iter < MIN_ITER:
         raise ConfigError(
             f"engine sklearn: embed.n_iter = {params.n_iter}; scikit-learn needs at least "

@@ -23,9 +23,12 @@ import logging
 import time
 
 import numpy as np
+import torch
 
+from advlens._optional import has
 from advlens.embed import _common
 from advlens.embed.base import Embedding, KnnGraph, TSNEParams
+from advlens.kernels import tsne as T
 
 NAME = "torch"
 log = logging.getLogger(__name__)
@@ -33,14 +36,12 @@ log = logging.getLogger(__name__)
 
 def available() -> bool:
     """True when PyTorch imports (the engine also runs on the CPU)."""
-    from advlens._optional import has
 
     return has("torch")
 
 
 def default_device() -> str:
     """``cuda`` when torch sees a GPU, else ``cpu``."""
-    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,9 +54,6 @@ def embed(
     device: str | None = None,
 ) -> Embedding:
     """Embed ``x`` (n, d) with ``params``; ``knn`` an optional (idx, dist) graph."""
-    import torch
-
-    from advlens.kernels import tsne as T
 
     dev = torch.device(device or default_device())
     threads = torch.get_num_threads()

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import argparse
 
+from advlens.config import ModelConfig
+from advlens.data import dataset_shape
+from advlens.models import build_model
+from advlens.models.taps import catalog, select_layers
+
 # Models default to the dataset they were made for.
 MODEL_DATASET = {"wrn": "cifar10", "denser": "cifar10"}
 
@@ -37,11 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from advlens.config import ModelConfig
-    from advlens.data import dataset_shape
-    from advlens.models import build_model
-    from advlens.models.taps import catalog, select_layers
-
     dataset = args.dataset or MODEL_DATASET.get(args.model.split("-")[0], "fashion-mnist")
     in_shape, n_classes = dataset_shape(dataset, args.data_path)
     kwargs = {"name": args.model, "checkpoint": args.checkpoint, "device": "cpu"}

@@ -17,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+from advlens._optional import require
 from advlens.errors import ConfigError
 from advlens.models.base import load_checkpoint
 
@@ -83,8 +84,6 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
 
 
 def _hub(lib: str, name: str, n_classes: int) -> nn.Module:
-    from advlens._optional import require
-
     mod = require(lib, f"model.name = '{lib}:{name}'")
     if lib == "torchvision":
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from advlens.report import interactive as ia
 from advlens.report.render import make_figures
 from advlens.report.summary import _classes, detector_summary, summary
 from advlens.report.tables import (
@@ -317,7 +318,6 @@ def provenance_html(prov: dict) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Build ``run_dir/report.html`` from metrics.json, provenance.json, the task maps, the
     activation stores (hover details, thumbnails) and figures/*.png."""
-    from advlens.report import interactive as ia
 
     run_dir = Path(run_dir)
     rows, layers = read_metrics(run_dir)

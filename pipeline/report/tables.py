@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from advlens._io import atomic_write
+from advlens._io import WRITTEN, atomic_write, written
 from advlens.errors import StoreError
+from advlens.overlap import overlap_sweep
 
 # The task-file contract lives with the compute side (advlens.results); re-exported here.
 from advlens.results import (  # noqa: F401
@@ -166,7 +167,6 @@ def read_provenance(run_dir: str | Path) -> dict:
 def own_figures(run_dir: str | Path, pattern: str) -> list[Path]:
     """``figures/<pattern>`` files advlens wrote (all matches in a run without a record), so
     that a user's PNG named like an advlens figure never reaches the report."""
-    from advlens._io import WRITTEN, written
 
     run_dir = Path(run_dir)
     found = sorted((run_dir / "figures").glob(pattern))
@@ -305,7 +305,6 @@ def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str]
 
 def knn_overlap_sweep(xy: np.ndarray, is_perturbed: np.ndarray, ks: Sequence[int]) -> dict:
     """``overlap`` at each k, from one kNN pass (:func:`advlens.overlap.overlap_sweep`)."""
-    from advlens.overlap import overlap_sweep
 
     ks = [k for k in ks if 0 < k < len(xy)]
     if not ks:
