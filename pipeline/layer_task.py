@@ -153,7 +153,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "k": k,
         "k_setting": ov.k,
         "n": n,
-        # embed() lowers a perplexity too large for the map (advlens.config.validate warns)
+        # embed() lowers a perplexity too large for the map (advlens.run.validate warns)
         "perplexity_used": min(float(task.perplexity), max_perplexity(2 * n)),
         "success_rate": float(np.mean(samples["success"])),
         "overlap": sweep[("overlap", k)].value,
