@@ -50,7 +50,8 @@ class Dataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Per-sample image shape (C, H, W)."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
 
     def subset(self, positions: np.ndarray | list[int]) -> Dataset:
         """The samples at ``positions`` (their ``index`` still points into the original split)."""
