@@ -13,11 +13,21 @@ The activations are ReLU-like (about half zeros, smooth positive values), drawn 
 pool of batches that is cycled, so the producer costs nothing and the store is measured.
 Needs about 1 GB of temporary disk for N = 16,000 (deleted afterwards). On a shared machine
 the load average (recorded in the JSON) lowers throughput; memory is not affected.
+
+Extraction memory (``--wrn-batches``, default 1; 0 skips it): attack + extract of WRN-28-10
+(random weights, its ``auto`` layers, float16) with ``attack.batch_size = 250`` into a store,
+once with the default budget (``attack.memory_mb = 2048``: sub-batches, bounded writer queue)
+and once without (``memory_mb = 0``, the whole batch at once: the "before" figure, skipped with
+``--no-before``), each in a fresh child process. Target: peak RSS under 4 GB with the budget.
+Labels are the model's own predictions so that every image is attacked (the worst case), and
+APGD runs ``--wrn-iter`` (default 1) iterations: its memory does not depend on the iteration
+count, only its time does (one batch of 250 takes minutes on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -86,6 +96,73 @@ def child(n: int, d: int, batch: int, workdir: Path) -> dict:
     }
 
 
+def extraction_child(batches: int, memory_mb: int, n_iter: int, workdir: Path) -> dict:
+    """Attack and extract ``batches`` batches of 250 CIFAR-shaped images through WRN-28-10."""
+    import numpy as np
+    import torch
+
+    from advlens.attacks import get_attack
+    from advlens.data import synthetic
+    from advlens.extract import extract, plan_queue, plan_sub_batch
+    from advlens.models.taps import catalog, select_layers
+    from advlens.models.wrn import WideResNet
+    from advlens.store import ActivationStore
+
+    batch, shape = 250, (3, 32, 32)
+    torch.manual_seed(0)
+    model = WideResNet(28, 10).eval()
+    data = synthetic(n=batches * batch, shape=shape, seed=0)
+    with torch.no_grad():  # labels = predictions: every image is attacked
+        x = torch.from_numpy(data.images)
+        pred = torch.cat([model(x[i : i + 25]).argmax(1) for i in range(0, len(x), 25)])
+    data = dataclasses.replace(data, labels=pred.numpy().astype(np.int64))
+    infos = catalog(model, shape)
+    layers = select_layers(infos, ["auto"], include_input=True)
+    widths = {i.name: i.size for i in infos if i.name in layers}
+    sub = plan_sub_batch(model, shape, batch, memory_mb)
+    queue = plan_queue(batch * sum(widths.values()) * 2 * 2, memory_mb)
+    attack = get_attack("apgd-ce", "linf", 8 / 255, n_iter=n_iter, sub_batch=sub)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    store = ActivationStore.create(workdir / "wrn.zarr", n=len(pred), layers=widths,
+                                   batch_size=batch, dtype="float16", attrs={})  # fmt: skip
+    t0 = time.perf_counter()
+    extract(model, data, attack, store, layers, device="cpu", progress=False, sub_batch=sub,
+            max_queue=queue)  # fmt: skip
+    assert store.is_complete()
+    return {
+        "memory_mb": memory_mb,
+        "sub_batch": sub,
+        "writer_queue": queue,
+        "batch_size": batch,
+        "batches": batches,
+        "n_iter": n_iter,
+        "layers": widths,
+        "seconds": time.perf_counter() - t0,
+        "rss_before_extract_mb": rss_before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def extraction_runs(args) -> list[dict]:
+    runs = []
+    for memory_mb in (2048, 0)[: 1 if args.no_before else 2]:
+        workdir = Path(tempfile.mkdtemp(prefix="advlens-wrn-bench-", dir=args.tmp))
+        try:
+            cmd = [sys.executable, __file__, "--wrn-child", str(memory_mb), "--workdir",
+                   str(workdir), "--wrn-batches", str(args.wrn_batches), "--wrn-iter",
+                   str(args.wrn_iter)]  # fmt: skip
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        run = json.loads(out.strip().splitlines()[-1])
+        runs.append(run)
+        label = "budget" if memory_mb else "whole batch (before)"
+        print(f"WRN-28-10 extraction, batch 250, {label} memory_mb={memory_mb}: sub-batch "
+              f"{run['sub_batch']}, writer queue {run['writer_queue']}, peak RSS "
+              f"{run['peak_rss_mb']:.0f} MB, {run['seconds']:.0f} s")  # fmt: skip
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 16000], metavar="N")
@@ -93,12 +170,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250, help="write batch (shard rows)")
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the temporary stores")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--wrn-batches", type=int, default=1,
+                        help="WRN-28-10 extraction batches of 250 (0: skip)")  # fmt: skip
+    parser.add_argument("--wrn-iter", type=int, default=1, help="APGD iterations there")
+    parser.add_argument("--no-before", action="store_true",
+                        help="skip the whole-batch extraction (about 7 GB)")  # fmt: skip
+    parser.add_argument("--wrn-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child is not None:
         print(json.dumps(child(args.child, args.d, args.batch, args.workdir)))
+        return
+    if args.wrn_child is not None:
+        print(json.dumps(extraction_child(args.wrn_batches, args.wrn_child, args.wrn_iter,
+                                          args.workdir)))  # fmt: skip
         return
 
     runs = []
@@ -121,6 +208,15 @@ def main() -> None:
     verdict = "meets" if ratio < 1.2 else "MISSES"
     print(f"peak memory ratio N={args.sizes[1]} / N={args.sizes[0]}: {ratio:.3f} "
           f"({verdict} the < 1.2 target)")  # fmt: skip
+    wrn = extraction_runs(args) if args.wrn_batches > 0 else []
+    extraction = None
+    if wrn:
+        peak = wrn[0]["peak_rss_mb"]
+        extraction = {"runs": wrn, "target_peak_rss_mb": 4096, "meets_target": peak < 4096}
+        if len(wrn) > 1:
+            extraction["peak_rss_ratio_before_over_budget"] = wrn[1]["peak_rss_mb"] / peak
+        print(f"WRN-28-10 extraction peak RSS with the budget: {peak:.0f} MB "
+              f"({'meets' if peak < 4096 else 'MISSES'} the < 4 GB target)")  # fmt: skip
     result = {
         "benchmark": "store_throughput",
         "device": "cpu",
@@ -133,6 +229,7 @@ def main() -> None:
         "peak_rss_ratio": ratio,
         "target_peak_rss_ratio": 1.2,
         "meets_target": ratio < 1.2,
+        "extraction_wrn28_10": extraction,
     }
     out_path = args.out or RESULTS / "store_throughput-cpu.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)

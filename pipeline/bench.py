@@ -7,12 +7,16 @@ A plain openTSNE run with its own defaults (--baseline, on by default) is measur
 run as the yardstick; published figures are shown beside, labelled as not measured here.
 Writes FILE.json, FILE.md (table) and FILE.png (plot).
 
-Data: fashion-mnist (train + test images, 70,000, PCA to 50), synthetic (Gaussian clusters in
-50-D, for quick checks) or store:PATH:LAYER (a layer's joint activations from a run's store).
+Data: auto (default: Fashion-MNIST up to 70,000 points, the synthetic mixture for larger sizes),
+fashion-mnist (train + test images, 70,000, PCA to 50), synthetic (a seeded mixture of 10
+Gaussian clusters in 50-D, any size: `synthetic_clusters`) or store:PATH:LAYER (a layer's joint
+activations from a run's store). A size is never cut to what the data holds: a size beyond it
+is an error (or, with auto, synthetic); every row records its n and its data.
 
 Examples:
   advlens bench tsne --engines sklearn,opentsne --n 10000 --out benchmarks/results/tsne.json
   advlens bench tsne --engines sklearn,opentsne,cuml,torch --n 10000,70000 --out tsne.json
+  advlens bench tsne --engines torch,cuml --n 70000,250000,1000000 --out big.json   # > 70,000: synthetic
   advlens bench tsne --n 2000 --data store:runs/default/apgd-ce-linf.zarr:fc1 --out s.json
   advlens bench tsne --n 10000 --overlap-store runs/default/apgd-ce-l2.zarr --out o.json
 """
@@ -83,7 +87,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", default="sklearn,opentsne,cuml,torch", help="comma list")
     p.add_argument("--n", default="10000,70000", help="sizes, comma list (default 10000,70000)")
     p.add_argument(
-        "--data", default="fashion-mnist", help="fashion-mnist|synthetic|store:PATH:LAYER"
+        "--data",
+        default="auto",
+        help="auto|fashion-mnist|synthetic|store:PATH:LAYER (auto: Fashion-MNIST up to 70,000 "
+        "points, synthetic above)",
     )
     p.add_argument("--overlap-store", default=None, metavar="PATH", help="store for the overlap")
     p.add_argument("--overlap-layer", default=None, help="layer of --overlap-store (default: last)")
@@ -158,6 +165,17 @@ def synthetic_clusters(
     return x, labels
 
 
+FMNIST_POINTS = 70_000  # Fashion-MNIST train + test
+
+
+def data_for_size(spec: str, n: int) -> str:
+    """The data a size runs on: ``auto`` is Fashion-MNIST up to its 70,000 images, then the
+    synthetic mixture; any other spec is itself."""
+    if spec != "auto":
+        return spec
+    return "synthetic" if n > FMNIST_POINTS else "fashion-mnist"
+
+
 def load_points(spec: str, seed: int = 0, n: int = 20_000) -> tuple[np.ndarray, str]:
     """The benchmark points (m, <=50) float32 and a description of where they came from.
 
@@ -224,21 +242,29 @@ def run_bench(
         raise ConfigError(f"--n {sizes}: give sizes of at least 10 points")
     params = TSNEParams(perplexity=perplexity, n_iter=n_iter, seed=seed, n_jobs=n_jobs)
     env = environment()
-    points, description = load_points(data, seed, n=max(sizes))
-    if max(sizes) > len(points):
-        raise ConfigError(f"--n {max(sizes)}: the data has only {len(points)} points")
-    order = np.random.default_rng(seed).permutation(len(points))  # nested subsets
     rows: list[dict[str, Any]] = []
-    for n in sizes:
-        x = np.ascontiguousarray(points[np.sort(order[:n])])
-        rows.extend(_bench_size(x, engines, params, knn, sample, baseline))
+    descriptions: list[str] = []
+    for source in dict.fromkeys(data_for_size(data, n) for n in sizes):
+        own = [n for n in sizes if data_for_size(data, n) == source]
+        points, description = load_points(source, seed, n=max(own))
+        if max(own) > len(points):  # never cut a size to what the data holds
+            raise ConfigError(
+                f"--n {max(own)}: --data {source} has only {len(points)} points; use "
+                "--data synthetic (any size) or --data auto"
+            )
+        descriptions.append(description)
+        order = np.random.default_rng(seed).permutation(len(points))  # nested subsets
+        for n in own:
+            x = np.ascontiguousarray(points[np.sort(order[:n])])
+            for row in _bench_size(x, engines, params, knn, sample, baseline):
+                rows.append(row | {"data": description})
     overlap = None
     if overlap_store:
         overlap = _bench_overlap(overlap_store, overlap_layer, engines, params, baseline)
     env["loadavg_end"] = _loadavg()
     return {
         "benchmark": "tsne-engines",
-        "data": description,
+        "data": "; ".join(descriptions),
         "params": params.to_dict() | {"learning_rate_resolved": "N / early_exaggeration"},
         "knn": knn,
         "sample": sample,

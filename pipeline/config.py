@@ -188,6 +188,12 @@ class AttackConfig:
     channels_last: bool = setting(
         "store", False, doc="GPU: channels-last memory format for inputs and model"
     )
+    memory_mb: int = setting(
+        "none",
+        2048,
+        doc="extraction working memory (MiB): attack and taps run in sub-batches that fit; "
+        "0: whole batches",
+    )
 
     def __post_init__(self) -> None:
         if not self.norms:
@@ -213,6 +219,15 @@ class AttackConfig:
             raise ConfigError(f"attack.n_iter = {self.n_iter}: must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"attack.batch_size = {self.batch_size}: must be at least 1")
+        if (
+            isinstance(self.memory_mb, bool)
+            or not isinstance(self.memory_mb, int)
+            or self.memory_mb < 0
+        ):
+            raise ConfigError(
+                f"attack.memory_mb = {self.memory_mb!r}: give the extraction memory budget in MiB "
+                "(an integer, e.g. 2048), or 0 for whole batches"
+            )
         if self.n_restarts < 1:
             raise ConfigError(f"attack.n_restarts = {self.n_restarts}: must be at least 1")
         if not 0 < self.rho < 1:

@@ -4,6 +4,11 @@ For every batch not yet in the store: attack it (seed ``seed * 1_000_003 + batch
 resumed run reproduces an uninterrupted one bit for bit), tap the selected layers on the clean
 and the perturbed images, cast to the store dtype and hand the batch to the store's writer
 thread. Host memory holds only the batches in flight, however large N is.
+
+Memory within a batch (docs/design.md, "Extraction memory"): with a budget
+(``attack.memory_mb``), :func:`plan_sub_batch` picks how many images one forward/backward pass
+takes (the attack and the tap passes run in such sub-batches), and :func:`plan_queue` how many
+finished batches may wait for the writer, so that neither grows with ``attack.batch_size``.
 """
 
 from __future__ import annotations
@@ -14,12 +19,45 @@ from typing import Any
 import numpy as np
 import torch
 
-from advlens.attacks import check_finite
+from advlens.attacks import check_finite, chunks
 from advlens.errors import StoreError
-from advlens.models.taps import tap_forward
+from advlens.models.taps import activation_values, tap_forward
 from advlens.progress import bar, expected_forwards, forward_ticks
 
 SEED_STRIDE = 1_000_003
+# Autograd keeps about every leaf module's output per sample for the backward pass; measured
+# on WRN-28-10 (CPU): 22.7 MiB per image against 18.7 MiB of leaf outputs, hence 1.5 for margin.
+GRAD_FACTOR = 1.5
+SUB_BATCH_ALIGN = (
+    8  # vectorised conv/GEMM kernels see whole blocks of rows (fewer last-bit changes)
+)
+
+
+def plan_sub_batch(model, in_shape: Sequence[int], batch_size: int, memory_mb: int) -> int | None:
+    """Images per forward/backward pass so that the attack's working memory fits half of
+    ``memory_mb``; None when a whole batch fits (or ``memory_mb`` is 0: no budget).
+
+    The estimate is :data:`GRAD_FACTOR` x the float32 values that one forward pass produces
+    per image (:func:`advlens.models.taps.activation_values`); it depends on the model and the
+    input shape only, never on the machine, so the same config gives the same sub-batches.
+    Sub-batches of 8 or more are rounded down to a multiple of 8.
+    """
+
+    if not memory_mb:
+        return None
+    per_image = GRAD_FACTOR * 4 * activation_values(model, in_shape)
+    sub = max(1, int(memory_mb * 2**20 / 2 // per_image))
+    if sub >= batch_size:
+        return None
+    return sub - sub % SUB_BATCH_ALIGN if sub >= SUB_BATCH_ALIGN else sub
+
+
+def plan_queue(batch_bytes: int, memory_mb: int, default: int = 4) -> int:
+    """Finished batches that may wait for the writer: at most ``default``, and within half of
+    ``memory_mb`` (at least 1; ``default`` without a budget)."""
+    if not memory_mb:
+        return default
+    return int(min(default, max(1, memory_mb * 2**20 / 2 // max(batch_bytes, 1))))
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -39,6 +77,7 @@ def extract(
     progress: bool = True,
     seed: int | None = None,
     max_queue: int = 4,
+    sub_batch: int | None = None,
 ) -> None:
     """Fill ``store`` with the clean and perturbed activations of ``dataset`` at ``layers``.
 
@@ -51,6 +90,8 @@ def extract(
     layers : layer names in tap order; must equal ``store.layers``.
     seed : base attack seed; default ``attack.seed`` (0 when it has none).
     max_queue : batches that may wait for the writer thread.
+    sub_batch : images per tap pass (None: the whole batch); the attack has its own
+        ``sub_batch``.
     """
 
     layers = list(layers)
@@ -69,6 +110,8 @@ def extract(
         return
     cast = getattr(torch, store.dtype)
     expected = expected_forwards(attack)  # the bar moves per attack iteration within a batch
+    if expected:  # one forward per sub-batch and iteration
+        expected *= len(chunks(store.batch_size, getattr(attack, "sub_batch", None)))
     rows_left = sum(r1 - r0 for r0, r1 in map(store.batch_rows, todo))
     done = store.n_batches - todo.size
     desc = f"attack+extract {store.path.stem}" + (
@@ -82,17 +125,11 @@ def extract(
                 y = torch.from_numpy(np.ascontiguousarray(dataset.labels[r0:r1])).to(device)
                 with forward_ticks(model, pb, r1 - r0, expected) as ticks:
                     res = attack(model, x, y, seed=batch_seed(base, batch))
-                with torch.no_grad():
-                    _, clean = tap_forward(model, x, layers, pool=pool)
-                    _, adv = tap_forward(model, res.x_adv, layers, pool=pool)
-                for name in layers:  # before the cast: float16 would turn overflow into inf
-                    for which, acts_ in (("clean", clean), ("perturbed", adv)):
-                        check_finite(
-                            acts_[name],
-                            f"layer {name!r}: {which} activations of batch {batch}",
-                            dtype=store.dtype,
-                        )
-                acts = {name: (_host(clean[name], cast), _host(adv[name], cast)) for name in layers}
+                clean = _tap_host(model, x, layers, pool, sub_batch, cast, store,
+                                  f"clean activations of batch {batch}")  # fmt: skip
+                adv = _tap_host(model, res.x_adv, layers, pool, sub_batch, cast, store,
+                                f"perturbed activations of batch {batch}")  # fmt: skip
+                acts = {name: (clean[name], adv[name]) for name in store.stored_layers}
                 samples: dict[str, Any] = {
                     "index": dataset.index[r0:r1],
                     "label": dataset.labels[r0:r1],
@@ -103,6 +140,26 @@ def extract(
                 }
                 writer.put(batch, samples, acts)
                 pb.update(ticks.left)
+
+
+def _tap_host(model, x, layers, pool, sub_batch, cast, store, what: str):
+    """``{layer: (B, D) array in the store dtype}`` for the layers the store keeps (not its
+    aliases, which are checked to be the same tensor), ``sub_batch`` images at a time."""
+
+    out: dict[str, np.ndarray] = {}
+    for rows in chunks(len(x), sub_batch):
+        with torch.no_grad():
+            _, acts = tap_forward(model, x[rows], layers, pool=pool, aliases=store.aliases)
+        for name in store.stored_layers:  # before the cast: float16 would turn overflow into inf
+            check_finite(acts[name], f"layer {name!r}: {what}", dtype=store.dtype)
+            host = _host(acts.pop(name), cast)
+            if rows.start == 0 and rows.stop == len(x):
+                out[name] = host
+                continue
+            if name not in out:
+                out[name] = np.empty((len(x), *host.shape[1:]), host.dtype)
+            out[name][rows] = host
+    return out
 
 
 def _host(t, dtype=None) -> np.ndarray:

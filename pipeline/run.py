@@ -42,12 +42,12 @@ from advlens.config import RunConfig, load, shaping_keys, store_identity
 from advlens.data import SOURCES, dataset_shape, load_dataset, stratified_sample
 from advlens.embed import TSNEParams, get_engine, max_perplexity, resolve_engine
 from advlens.errors import ConfigError, StoreError
-from advlens.extract import extract
+from advlens.extract import extract, plan_queue, plan_sub_batch
 from advlens.kernels.metrics import auto_k
 from advlens.layer_task import LayerTask, run_layer_task
 from advlens.models import build_model, fingerprint, get_factory
 from advlens.models import resolve_device as check_device
-from advlens.models.taps import catalog, select_layers
+from advlens.models.taps import catalog, layer_aliases, select_layers
 from advlens.models.user import cwd_importable
 from advlens.reduce import resolve_device
 from advlens.report import summary, write_outputs
@@ -202,7 +202,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
     t = time.perf_counter()
     model, data, device = _model_and_data(cfg, model, data)
     timings["model"] = time.perf_counter() - t
-    layers, shapes, widths = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
+    layers, shapes, widths, aliases = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
     model_id = fingerprint(cfg.model, model)
 
     t = time.perf_counter()
@@ -218,12 +218,13 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
             eps = cfg.attack.eps_for(norm, data.name)
             path = _attack_and_extract(
                 cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress,
-                model_id,
+                model_id, aliases,
             )  # fmt: skip
             stores.append((attack_name, norm, eps, path.resolve()))
     timings["attack+extract"] = time.perf_counter() - t
 
-    tasks = _tasks(cfg, stores, layers, run_dir, device)
+    # An alias is the same tensor as its layer: its task would repeat that layer's to the bit.
+    tasks = _tasks(cfg, stores, [x for x in layers if x not in aliases], run_dir, device, layers)
     t = time.perf_counter()
     if plan_cluster(workers=s.workers, scheduler=s.scheduler, gpus=s.gpus).kind != "in-process":
         model = release_device(model, device)  # GPU workers get the driver's GPU memory back
@@ -236,6 +237,7 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
         retries=s.retries,
         progress=progress,
     )
+    rows = alias_rows(rows, aliases, layers)
     timings["layers"] = time.perf_counter() - t
     for stage in ("reduce", "embed", "overlap"):
         timings[stage] = float(sum(r.get(f"seconds_{stage}") or 0.0 for r in rows))
@@ -275,18 +277,35 @@ def sweep_point(
 
 
 def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
-    """The selected layers, every tappable layer's output shape and each selected width."""
+    """The selected layers, every tappable layer's output shape, each selected width and the
+    aliases among the selected layers (``{alias: layer}``: the same tensor, stored once)."""
 
     cat = catalog(model, in_shape)
     layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
     shapes = {info.name: info.shape for info in cat}
     dims = {info.name: info.dim(cfg.layers.pool) for info in cat}
     widths = {name: dims[name] for name in layers}
-    return layers, shapes, widths
+    return layers, shapes, widths, layer_aliases(cat, layers)
 
 
-def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
-    """One layer task per store x layer x engine x seed x perplexity."""
+def alias_rows(rows: list[dict], aliases: dict[str, str], layers: list[str]) -> list[dict]:
+    """``rows`` plus, for every alias, a copy of its layer's rows under the alias's name and
+    index, marked ``alias_of`` (the map and numbers are the layer's: the same tensor)."""
+    if not aliases:
+        return rows
+    out = list(rows)
+    for alias, layer in aliases.items():
+        for r in rows:
+            if r.get("layer") == layer:
+                out.append(r | {"layer": alias, "layer_index": layers.index(alias),
+                                "alias_of": layer})  # fmt: skip
+    return sorted(out, key=lambda r: (str(r.get("attack")), str(r.get("norm")),
+                                      r.get("layer_index") or 0))  # fmt: skip
+
+
+def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str, order=None) -> list:
+    """One layer task per store x layer x engine x seed x perplexity; a task's layer index is
+    its place in ``order`` (default: ``layers``)."""
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -305,7 +324,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
             norm=norm,
             eps=eps,
             layer=layer,
-            layer_index=i,
+            layer_index=(order or layers).index(layer),
             engine=engine,
             seed=seed,
             perplexity=perp,
@@ -314,7 +333,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str) -> list:
             device=task_device,
         )
         for (a, norm, eps, path) in stores
-        for i, layer in enumerate(layers)
+        for layer in layers
         for engine in engines
         for seed in cfg.embed.seed_list
         for perp in cfg.embed.perplexity_list
@@ -334,16 +353,17 @@ def dry_run(cfg: RunConfig) -> str:
         dataclasses.replace(cfg.model, device="cpu"), cfg.data.source, in_shape, n_classes,
         weights=False,
     )  # fmt: skip
-    layers, shapes, widths = _layer_plan(cfg, model, in_shape)
+    layers, shapes, widths, aliases = _layer_plan(cfg, model, in_shape)
     run_dir = cfg.output.run_dir.resolve()
     n, itemsize = cfg.data.n, np.dtype(cfg.output.dtype).itemsize
-    store_bytes = 2 * n * sum(widths.values()) * itemsize  # clean + perturbed, uncompressed
+    stored = {name: w for name, w in widths.items() if name not in aliases}
+    store_bytes = 2 * n * sum(stored.values()) * itemsize  # clean + perturbed, uncompressed
     stores = [
         (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{_slug(a)}-{norm}.zarr")
         for a in cfg.attack.attack_names
         for norm in cfg.attack.norms
     ]
-    tasks = _tasks(cfg, stores, layers, run_dir, "cpu")
+    tasks = _tasks(cfg, stores, list(stored), run_dir, "cpu", layers)
     done = sum(t.row_path.exists() for t in tasks)
     lines = [f"advlens run --dry-run: {run_dir}/ ({'exists' if run_dir.exists() else 'new'})"]
     lines.append(f"stores ({len(stores)}, {n} clean + {n} perturbed samples each, "
@@ -355,10 +375,12 @@ def dry_run(cfg: RunConfig) -> str:
     width = max(len(name) for name in layers)
     for name in layers:
         per = 2 * n * widths[name] * itemsize
+        size = f"alias of {aliases[name]}, stored once" if name in aliases else (
+            f"{_size(per)} per store")  # fmt: skip
         lines.append(f"  {name:<{width}}  {str(tuple(shapes[name])):<16} dim {widths[name]:>8}"
-                     f"  {_size(per)} per store")  # fmt: skip
+                     f"  {size}")  # fmt: skip
     lines.append(
-        f"layer tasks: {len(tasks)} = {len(stores)} stores x {len(layers)} layers x "
+        f"layer tasks: {len(tasks)} = {len(stores)} stores x {len(stored)} layers x "
         f"{len(cfg.embed.engine_names)} engines x {len(cfg.embed.seed_list)} seeds x "
         f"{len(cfg.embed.perplexity_list)} perplexities; {done} already done"
     )
@@ -375,8 +397,9 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
-    """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline."""
+def build_attack(cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None):
+    """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline.
+    ``sub_batch``: images per forward/backward pass (:func:`advlens.extract.plan_sub_batch`)."""
 
     a = cfg.attack
     if eps == 0:
@@ -384,7 +407,7 @@ def build_attack(cfg: RunConfig, name: str, norm: str, eps: float):
         return Unperturbed(name=name, norm=norm, eps=0.0, seed=a.seed)
     return get_attack(
         name, norm, eps, n_iter=a.n_iter, n_restarts=a.n_restarts, rho=a.rho, seed=a.seed,
-        autocast_bf16=a.autocast_bf16, channels_last=a.channels_last,
+        autocast_bf16=a.autocast_bf16, channels_last=a.channels_last, sub_batch=sub_batch,
     )  # fmt: skip
 
 
@@ -506,7 +529,9 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
             f"data.n = {cfg.data.n}, but only {len(correct)} of the {len(data.labels)} "
             f"{data.name} {cfg.data.split} images are classified correctly (only those are "
             "attacked); lower data.n"
-        )
+            + (" or use the training split: --set data.split=train" if cfg.data.split == "test"
+               else "")
+        )  # fmt: skip
     accuracy = len(correct) / len(data.labels)
     log.info("clean accuracy %.4f on %d %s images", accuracy, len(data.labels), data.name)
     picked = correct[stratified_sample(data.labels[correct], cfg.data.n, cfg.data.seed)]
@@ -526,15 +551,33 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
 
 
 def _attack_and_extract(
-    cfg, model, samples, attack_name, norm, eps, layers, widths, device, progress, model_id
+    cfg,
+    model,
+    samples,
+    attack_name,
+    norm,
+    eps,
+    layers,
+    widths,
+    device,
+    progress,
+    model_id,
+    aliases=None,
 ) -> Path:
     a = cfg.attack
-    attack = build_attack(cfg, attack_name, norm, eps)
+    sub_batch = plan_sub_batch(model, samples.images.shape[1:], a.batch_size, a.memory_mb)
+    attack = build_attack(cfg, attack_name, norm, eps, sub_batch=sub_batch)
     # Only what shapes the activations (config.setting(shapes="store")) and the model's
     # content decide whether an existing store can be resumed.
     full = cfg.to_dict()
     identity = store_identity(cfg, attack_name, norm, eps)
     identity["model"] |= model_id
+    if sub_batch is not None:
+        # Convolutions and products may round a row differently in another sub-batch size,
+        # and APGD can amplify a last-bit change: the sub-batch is part of what was stored.
+        identity["attack"]["sub_batch"] = sub_batch
+        log.info("%s %s: attack and taps in sub-batches of %d images (attack.memory_mb = %d)",
+                 attack_name, norm, sub_batch, a.memory_mb)  # fmt: skip
     attrs = {
         "config": identity,
         "run_config": full,
@@ -551,6 +594,7 @@ def _attack_and_extract(
         dtype=cfg.output.dtype,
         attrs=attrs,
         overwrite=cfg.output.overwrite,
+        aliases=aliases,
     )
     if not store.is_complete():
         extract(
@@ -563,8 +607,15 @@ def _attack_and_extract(
             pool=cfg.layers.pool,
             progress=progress,
             seed=a.seed,
-        )
+            sub_batch=sub_batch,
+            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * _itemsize(cfg),
+                                 a.memory_mb),
+        )  # fmt: skip
     return path
+
+
+def _itemsize(cfg: RunConfig) -> int:
+    return 2 if cfg.output.dtype == "float16" else 4
 
 
 def _slug(name: str) -> str:

@@ -5,6 +5,8 @@ Layout (see docs/design.md)::
     <run>/<attack>-<norm>.zarr/   attrs: advlens version, store format, run config, identity, status
       samples/{index,label,pred_clean,pred_perturbed,success,norm}   (N,)
       layers/<name>/{clean,perturbed}   (N, D)  chunks of >= 1 MB rows, one shard per write batch
+                                        (none for an alias: attrs["aliases"] maps it to the
+                                        layer whose arrays it reads, e.g. block1 -> block1.layer.3)
       progress/batches   (B,) bool      one chunk per batch, set after all the batch's rows
       progress/batches/manifest/<b>.json  size and CRC-32 of each of batch b's files
       embeddings/<name>/<key>   (2N, 2) float32
@@ -51,7 +53,8 @@ SAMPLE_FIELDS = {
     "norm": "float32",
 }
 # Attribute keys the store owns; the caller's attrs (config, model, dataset, ...) sit beside them.
-RESERVED = ("advlens_version", "store_format", "status", "n", "batch_size", "dtype", "layers")
+RESERVED = ("advlens_version", "store_format", "status", "n", "batch_size", "dtype", "layers",
+            "aliases")  # fmt: skip
 # Caller attrs that decide what the store holds: a rerun must match them to resume.
 IDENTITY_KEYS = ("config", "model", "dataset", "attack")
 # The caller's "config" attr holds only the settings that shape the store (advlens.config
@@ -123,8 +126,12 @@ class ActivationStore:
         self.n_batches = -(-self.n // self.batch_size)
         self.dtype = str(attrs["dtype"])
         self.layers: list[str] = list(attrs["layers"])
+        # A layer that is the same tensor as another is stored once (stores without the
+        # attribute, written before aliases existed, have none).
+        self.aliases: dict[str, str] = dict(attrs.get("aliases") or {})
+        self.stored_layers: list[str] = [x for x in self.layers if x not in self.aliases]
         self.widths: dict[str, int] = {}
-        for layer in self.layers:
+        for layer in self.stored_layers:
             for which in WHICH:
                 arr = self._node(f"layers/{layer}/{which}")
                 self.widths[layer] = int(arr.shape[1])
@@ -133,6 +140,8 @@ class ActivationStore:
                         f"array layers/{layer}/{which} in {self.path} has {arr.shape[0]} rows, "
                         f"expected {self.n}; the store is damaged: {_OVERWRITE_HINT}"
                     )
+        for alias, target in self.aliases.items():
+            self.widths[alias] = self.widths[target]
         for name in SAMPLE_FIELDS:
             self._node(f"samples/{name}")
         self._node("progress/batches")
@@ -149,8 +158,13 @@ class ActivationStore:
         dtype: str,
         attrs: dict,
         overwrite: bool = False,
+        aliases: Mapping[str, str] | None = None,
     ) -> ActivationStore:
         """Create a store sized for ``n`` samples, or reopen one with the same settings.
+
+        ``aliases`` maps a layer to an earlier one that is the same tensor
+        (:func:`advlens.models.taps.catalog`): it gets no arrays of its own and reads the
+        other's.
 
         An existing store is reopened for resume when its config and identity attrs, ``n``,
         ``batch_size``, ``dtype`` and layers match, and its damaged batches unflagged
@@ -165,6 +179,7 @@ class ActivationStore:
         for layer in layers:
             if not layer or "/" in layer or layer.startswith("__"):
                 raise StoreError(f"layer name {layer!r} cannot name a Zarr array (no '/')")
+        aliases = _check_aliases(path, layers, aliases)
         clash = sorted(set(attrs) & set(RESERVED) - {"advlens_version"})
         if clash:
             raise StoreError(f"store attrs {clash} are reserved by the store; rename them")
@@ -176,11 +191,13 @@ class ActivationStore:
             else:
                 store = cls(path, mode="r+")
                 store._check_resume(
-                    n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs
-                )
+                    n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs,
+                    aliases=aliases,
+                )  # fmt: skip
                 store.repair()
                 return store
-        _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs)
+        _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs,
+                aliases=aliases)  # fmt: skip
         return cls(path, mode="r+")
 
     @classmethod
@@ -188,7 +205,7 @@ class ActivationStore:
         """Open an existing store (``mode`` "r" or "r+")."""
         return cls(path, mode=mode)
 
-    def _check_resume(self, *, n, layers, batch_size, dtype, attrs) -> None:
+    def _check_resume(self, *, n, layers, batch_size, dtype, attrs, aliases) -> None:
         stored = {k: self.attrs.get(k) for k in IDENTITY_KEYS if k in attrs or k in self.attrs}
         new = {k: attrs.get(k) for k in stored}
         old_flat, new_flat = _flatten(stored), _flatten(new)
@@ -203,6 +220,7 @@ class ActivationStore:
             ("batch_size", self.batch_size, batch_size),
             ("dtype", self.dtype, dtype),
             ("layers", self.layers, list(layers)),
+            ("aliases", self.aliases, aliases),
         ):
             if old != now:
                 diffs.append(f"  {what}: {old!r} in the store, {now!r} now")
@@ -250,7 +268,7 @@ class ActivationStore:
     def batch_files(self, batch: int) -> dict[str, Path]:
         """The file of every array that holds rows of ``batch`` (one shard or chunk each)."""
         names = [f"samples/{f}" for f in SAMPLE_FIELDS]
-        names += [f"layers/{layer}/{w}" for layer in self.layers for w in WHICH]
+        names += [f"layers/{layer}/{w}" for layer in self.stored_layers for w in WHICH]
         return {n: self.path / _chunk_key(n, batch, 1 if n.startswith("samples/") else 2)
                 for n in names}  # fmt: skip
 
@@ -466,7 +484,7 @@ class ActivationStore:
         self._check_layer(layer)
         if which not in WHICH:
             raise StoreError(f"which = {which!r}: use 'clean' or 'perturbed'")
-        return f"layers/{layer}/{which}"
+        return f"layers/{self.aliases.get(layer, layer)}/{which}"
 
     def _blocks(self, name: str) -> list[tuple[int, int]]:
         self._check_chunks(name)
@@ -557,7 +575,23 @@ def _remove_store(path: Path) -> None:
     raise StoreError(f"{path} exists and is not a Zarr store; refusing to delete it: move it away")
 
 
-def _create(path: Path, *, n, layers, batch_size, dtype, attrs) -> None:
+def _check_aliases(path: Path, layers: Mapping[str, int], aliases) -> dict[str, str]:
+    aliases = dict(aliases or {})
+    for alias, target in aliases.items():
+        if alias not in layers or target not in layers or target in aliases or alias == target:
+            raise StoreError(
+                f"store {path}: alias {alias!r} -> {target!r} must map a layer of the store to "
+                "another layer that is stored (not itself an alias)"
+            )
+        if layers[alias] != layers[target]:
+            raise StoreError(
+                f"store {path}: alias {alias!r} ({layers[alias]} values) and {target!r} "
+                f"({layers[target]} values) differ in width"
+            )
+    return aliases
+
+
+def _create(path: Path, *, n, layers, batch_size, dtype, attrs, aliases) -> None:
     import zarr
 
     from advlens._version import __version__
@@ -570,6 +604,7 @@ def _create(path: Path, *, n, layers, batch_size, dtype, attrs) -> None:
         "batch_size": batch_size,
         "dtype": dtype,
         "layers": list(layers),
+        "aliases": dict(aliases),
     }
     group = zarr.open_group(str(path), mode="w-", attributes={**attrs, **own})
     common = dict(
@@ -589,6 +624,8 @@ def _create(path: Path, *, n, layers, batch_size, dtype, attrs) -> None:
     )  # fmt: skip
     itemsize = np.dtype(dtype).itemsize
     for layer, width in layers.items():
+        if layer in aliases:
+            continue
         rows = chunk_rows(batch_size, width * itemsize)
         for which in WHICH:
             group.create_array(
@@ -649,7 +686,7 @@ class StoreWriter:
 
         group = zarr.open_group(str(self.store.path), mode="r+")
         names = [f"samples/{f}" for f in SAMPLE_FIELDS]
-        names += [f"layers/{layer}/{w}" for layer in self.store.layers for w in WHICH]
+        names += [f"layers/{layer}/{w}" for layer in self.store.stored_layers for w in WHICH]
         self._arrays = {
             name: group[name].with_config({"write_empty_chunks": True}) for name in names
         }
@@ -703,10 +740,11 @@ class StoreWriter:
             raise ValueError(
                 f"samples must have keys {sorted(SAMPLE_FIELDS)}, got {sorted(samples)}"
             )
-        if set(acts) != set(store.layers):
+        # An alias's activations are those of its layer: they may be passed or left out.
+        if not set(store.stored_layers) <= set(acts) <= set(store.layers):
             raise StoreError(
                 f"batch {batch} has layers {sorted(acts)} but {store.path} stores "
-                f"{store.layers}: pass exactly the store's layers"
+                f"{store.stored_layers}: pass exactly the store's layers"
             )
         item: dict[str, np.ndarray] = {}
         for field, ftype in SAMPLE_FIELDS.items():
@@ -714,7 +752,7 @@ class StoreWriter:
             if value.shape != (rows,):
                 raise ValueError(f"samples[{field!r}] has shape {value.shape}, expected ({rows},)")
             item[f"samples/{field}"] = value
-        for layer in store.layers:
+        for layer in store.stored_layers:
             pair = acts[layer]
             for which, value in zip(WHICH, pair, strict=True):
                 value = np.ascontiguousarray(value, dtype=store.dtype)

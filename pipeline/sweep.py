@@ -9,13 +9,17 @@ rates 0.25, 0.5, 0.75, so that models of different robustness compare fairly).
 
 Each size is a full `advlens run` of the same configuration with data.n set to that size, in
 runs/sweep-<name>/n<N>/ (resumable like any run). The sweep writes sweep.json, sweep.md
-(seconds per stage per N; overlap per layer per N) and sweep.png into runs/sweep-<name>/,
-updated after every size so a long sweep keeps what it has measured.
+(seconds per stage per N; overlap per layer per N; the calibrated overlap per layer per N with
+its 95% interval), sweep.png (time per stage, overlap per layer) and sweep-vs-n.png (calibrated
+overlap against N per layer, interval bars) into runs/sweep-<name>/, updated after every size
+so a long sweep keeps what it has measured. Sizes beyond the test split's correctly classified
+images need the training split: --set data.split=train.
 
 Examples:
   advlens sweep --n 200,500,1000
   advlens sweep --n 1000,10000,100000 --config configs/default.toml --set embed.engine=auto
   advlens sweep --n 500,1000 --set attack.norms=linf --name linf-only
+  advlens sweep --n 1000,4000,16000 --set data.split=train
   advlens sweep --eps 0.01,0.02,0.05,0.1,0.2 --set attack.norms=linf --set data.n=500
 """
 
@@ -35,7 +39,7 @@ from advlens.errors import ConfigError
 from advlens.run import sweep_point, sweep_start
 
 ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
-            "n", "success_rate", "overlap", "calibrated", "mixing", "pair", "overlap_reduced", "auc",
+            "n", "success_rate", "overlap", "calibrated", "ci_low", "ci_high", "mixing", "pair", "overlap_reduced", "auc",
             "seconds_reduce", "seconds_embed", "seconds_overlap", "error")  # fmt: skip
 NORM_COLOURS = {"l2": "#1f77b4", "linf": "#ff7f0e"}
 
@@ -133,6 +137,11 @@ def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
             key = f"{_group(r)} | {r.get('layer')} | {_variant(r)}"
             slot = metric.setdefault(key, {"layer_index": r.get("layer_index"), "values": {}})
             slot["values"][str(e["n"])] = r.get("overlap")
+            slot.setdefault("calibrated", {})[str(e["n"])] = [
+                r.get("calibrated"),
+                r.get("ci_low"),
+                r.get("ci_high"),
+            ]
     for slot in metric.values():
         vals = [v for v in slot["values"].values() if isinstance(v, float) and math.isfinite(v)]
         steps = [abs(b - a) for a, b in zip(vals, vals[1:], strict=False)]
@@ -160,16 +169,70 @@ def render_markdown(out: dict[str, Any]) -> str:
         cells = ["-" if v is None else f"{v:.3f}" for v in vals]
         change = "-" if slot["max_change"] is None else f"{slot['max_change']:.3f}"
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {change} |")
+    lines += ["", "## Calibrated overlap per layer against N (95% interval)", "",
+              "| attack-norm | layer | engine | " + " | ".join(f"N={n}" for n in ns) + " |",
+              "|---|---|---|" + "---:|" * len(ns)]  # fmt: skip
+    for key, slot in _ordered(summary):
+        cal = slot.get("calibrated", {})
+        lines.append(f"| {key} | " + " | ".join(_interval(cal.get(n)) for n in ns) + " |")
+    lines += ["", "![calibrated overlap against N](sweep-vs-n.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _ordered(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return sorted(summary["overlap"].items(),
+                  key=lambda kv: (kv[0].split(" | ")[0], kv[1]["layer_index"] or 0))  # fmt: skip
+
+
+def _interval(cell: list | None) -> str:
+    if not cell or cell[0] is None:
+        return "-"
+    value, low, high = cell
+    return f"{value:.3f}" + ("" if low is None or high is None else f" [{low:.3f}, {high:.3f}]")
 
 
 def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
     folder = Path(folder)
-    paths = [folder / "sweep.json", folder / "sweep.md", folder / "sweep.png"]
+    paths = [folder / f for f in ("sweep.json", "sweep.md", "sweep.png", "sweep-vs-n.png")]
     write_json(paths[0], out)
     atomic_write(paths[1], render_markdown(out).encode())
     atomic_write(paths[2], lambda p: _plot(out, p))
+    atomic_write(paths[3], lambda p: _plot_vs_n(out, p))
     return paths
+
+
+def _plot_vs_n(out: dict[str, Any], path: Path) -> None:
+    """Calibrated overlap against N, one line per layer (first engine / seed / perplexity of
+    each attack-norm), with the rows' 95% intervals as bars."""
+
+    summary = out.get("summary") or summarise(out["sizes"])
+    groups = sorted({key.split(" | ")[0] for key in summary["overlap"]})
+    fig = Figure(figsize=(1 + 4.5 * max(1, len(groups)), 4.2))
+    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+    cmap = colormaps["viridis"]
+    for ax, group in zip(axes, groups, strict=False):
+        slots = [(k, s) for k, s in _ordered(summary) if k.startswith(f"{group} | ")]
+        first = slots[0][0].split(" | ")[2] if slots else None
+        slots = [(k, s) for k, s in slots if k.split(" | ")[2] == first]
+        for j, (key, slot) in enumerate(slots):
+            cells = sorted((int(n), c) for n, c in slot.get("calibrated", {}).items()
+                           if c and c[0] is not None)  # fmt: skip
+            if not cells:
+                continue
+            ns = [n for n, _ in cells]
+            vals = [c[0] for _, c in cells]
+            low = [c[0] - (c[1] if c[1] is not None else c[0]) for _, c in cells]
+            high = [(c[2] if c[2] is not None else c[0]) - c[0] for _, c in cells]
+            ax.errorbar(ns, vals, yerr=[low, high], fmt="o-", capsize=3, ms=4,
+                        color=cmap(j / max(1, len(slots) - 1)), label=key.split(" | ")[1])  # fmt: skip
+        norm = group.rsplit("-", 1)[-1]
+        ax.set_title(f"{group} ({first})", color=NORM_COLOURS.get(norm, "black"), fontsize=9)
+        ax.set(xscale="log", ylim=(-0.02, 1.05), xlabel="N (attacked samples)",
+               ylabel="calibrated overlap (95% interval)")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sweep {out['name']}: calibrated overlap against N", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
 
 
 def _plot(out: dict[str, Any], path: Path) -> None:

@@ -136,7 +136,9 @@ def test_bench_overlap_on_a_real_layer(tmp_path):
 def _entry(n, overlaps, seconds):
     rows = [
         {"attack": "apgd-ce", "norm": norm, "layer": layer, "layer_index": i, "engine": "opentsne",
-         "seed": 0, "perplexity": 30.0, "overlap": overlaps[norm][i]}
+         "seed": 0, "perplexity": 30.0, "overlap": overlaps[norm][i],
+         "calibrated": overlaps[norm][i] + 0.05, "ci_low": overlaps[norm][i],
+         "ci_high": overlaps[norm][i] + 0.1}
         for norm in overlaps for i, layer in enumerate(("input", "conv1", "fc"))
     ]  # fmt: skip
     timings = {"attack+extract": seconds, "reduce": seconds / 10, "embed": seconds / 2}
@@ -161,9 +163,17 @@ def test_sweep_summary_table_and_plot(tmp_path):
     md = render_markdown(out)
     assert "| 1000 | 50.0 | 5.0 | 25.0 | 100.0 |" in md
     assert "| apgd-ce-linf | fc | opentsne s0 p30.0 | 0.200 | 0.250 | 0.050 |" in md
+    # the calibrated value per N with its interval, and the figure against N
+    assert conv1["calibrated"] == {"200": [0.55, 0.5, 0.6], "1000": [pytest.approx(0.45), 0.4, 0.5]}
+    assert (
+        "| apgd-ce-l2 | conv1 | opentsne s0 p30.0 | 0.550 [0.500, 0.600] | 0.450 [0.400, 0.500] |"
+        in md
+    )
+    assert "sweep-vs-n.png" in md
     paths = write_outputs(out, tmp_path)
     assert json.loads(paths[0].read_text())["summary"] == summary
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+    assert paths[3].name == "sweep-vs-n.png" and paths[3].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_rejects_bad_sizes(capsys):
@@ -204,3 +214,17 @@ def test_synthetic_data_has_exactly_the_asked_size_and_its_clusters():
     # each point is nearer its own cluster's mean than any other: the clusters are known
     d = ((x[:, None, :] - means[None]) ** 2).sum(axis=2)
     assert (d.argmin(axis=1) == labels).mean() > 0.99
+
+
+def test_sizes_beyond_fashion_mnist_run_on_the_synthetic_mixture(tmp_path):
+    """auto: Fashion-MNIST up to its 70,000 images, the synthetic mixture above; each row
+    records the n it really ran and its data."""
+    from advlens.bench import FMNIST_POINTS, data_for_size, run_bench
+
+    assert data_for_size("auto", FMNIST_POINTS) == "fashion-mnist"
+    assert data_for_size("auto", FMNIST_POINTS + 1) == "synthetic"
+    assert data_for_size("synthetic", 10) == "synthetic"
+    result = run_bench(engines=["opentsne"], sizes=[120, 200], data="synthetic", n_iter=250,
+                       n_jobs=1, sample=100, baseline=False)  # fmt: skip
+    assert [(r["n"], r["status"]) for r in result["results"]] == [(120, "ok"), (200, "ok")]
+    assert all("Gaussian clusters in 50-D" in r["data"] for r in result["results"])

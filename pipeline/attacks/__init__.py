@@ -10,7 +10,10 @@
 - returns for every attacked input a real perturbed twin (the best point the attack found),
   inside the eps-ball of ``norm`` and inside [0, 1];
 - draws its randomness from a generator seeded by ``seed`` (per call: ``seed=``), so the same
-  inputs and seed give bit-identical outputs on the CPU.
+  inputs and seed give bit-identical outputs on the CPU;
+- with ``sub_batch`` set, runs its forward and backward passes on at most that many images at a
+  time (memory bounded by the sub-batch, not the batch). APGD draws its random starts for the
+  whole batch first, so the random streams do not change (docs/design.md, "Extraction memory").
 
 A model left in training mode is switched to eval mode, with a warning through ``logging``
 (``warnings`` would turn into errors under the test suite's ``filterwarnings = error``).
@@ -33,6 +36,8 @@ from advlens.attacks.base import (
     check_finite,
     check_norm,
     check_seed,
+    check_sub_batch,
+    chunks,
     enforce_constraints,
     lp_norm,
     model_device,
@@ -79,7 +84,8 @@ def get_attack(
     n_iter, n_restarts, rho, seed : APGD's settings (Croce & Hein 2020); foolbox attacks take
         ``n_iter`` as their ``steps`` when they have such a parameter.
     **kw : ``autocast_bf16`` (bf16 autocast of the forward passes), ``channels_last`` (inputs
-        and, in place, the model's parameters), ``n_target_classes`` (apgd-t, default 9);
+        and, in place, the model's parameters), ``sub_batch`` (images per forward/backward
+        pass), ``n_target_classes`` (apgd-t, default 9);
         other keywords go to the foolbox attack's constructor.
     """
     norm = check_norm(norm)
@@ -95,6 +101,7 @@ def get_attack(
         "seed": seed,
         "autocast_bf16": bool(kw.pop("autocast_bf16", False)),
         "channels_last": bool(kw.pop("channels_last", False)),
+        "sub_batch": check_sub_batch(kw.pop("sub_batch", None)),
     }
     key = name.lower() if name.lower() in ATTACKS.names() else name
     factory = ATTACKS.get(key)
@@ -111,6 +118,8 @@ __all__ = [
     "AttackFactory",
     "check_finite",
     "check_seed",
+    "check_sub_batch",
+    "chunks",
     "model_device",
     "Unperturbed",
     "Attack",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advlens.attacks.base import APGD_LOSSES, Attack
+from advlens.attacks.base import APGD_LOSSES, Attack, chunks
 from advlens.errors import ConfigError
 
 
@@ -156,7 +156,7 @@ class APGD(Attack):
                 if idx.numel() == 0:
                     return best_x
                 tgt = None if target is None else target[idx]
-                x_run, fooled_run, loss_run = self._single_run(model, x[idx], y[idx], tgt, gen)
+                x_run, fooled_run, loss_run = self._run_chunks(model, x[idx], y[idx], tgt, gen)
                 take = fooled_run | (loss_run > best_loss[idx])
                 best_x[idx] = torch.where(take.view(-1, *[1] * (x.dim() - 1)), x_run, best_x[idx])
                 best_loss[idx] = torch.where(take, loss_run, best_loss[idx])
@@ -203,12 +203,26 @@ class APGD(Attack):
                 return project_l1_box(x, x + t, self.eps)
         return x_adv.clamp(0.0, 1.0)
 
-    def _single_run(self, model, x, y, target, gen):
-        """One APGD run; returns (twin, fooled, loss of the twin) per sample."""
+    def _run_chunks(self, model, x, y, target, gen):
+        """One APGD run over the batch, ``sub_batch`` samples at a time.
+
+        The random starts of the whole batch are drawn first, in one call, exactly as without
+        sub-batches; every later step of a sample depends on that sample alone.
+        """
+        x_init = self._init(x, gen)
+        parts = [
+            self._single_run(model, x[s], y[s], None if target is None else target[s], x_init[s])
+            for s in chunks(len(x), self.sub_batch)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+    def _single_run(self, model, x, y, target, x_adv):
+        """One APGD run from the start ``x_adv``; returns (twin, fooled, loss of the twin)."""
         n_iter, eps, b = self.n_iter, self.eps, x.shape[0]
         bshape = (b,) + (1,) * (x.dim() - 1)
         l1 = self.norm == "l1"
-        x_adv = self._init(x, gen)
         logits, loss, grad = self._loss_grad(model, x_adv, y, target)
         fooled = logits.argmax(1) != y
         neg_inf = torch.full_like(loss, float("-inf"))

@@ -92,6 +92,22 @@ def check_seed(seed: Any) -> int:
 FLOAT16_MAX = 65504.0
 
 
+def check_sub_batch(sub_batch: Any) -> int | None:
+    """``sub_batch`` (None, or an integer >= 1), or ConfigError."""
+    if sub_batch is None:
+        return None
+    if isinstance(sub_batch, bool) or not isinstance(sub_batch, int) or sub_batch < 1:
+        raise ConfigError(f"attack sub_batch = {sub_batch!r}: must be an integer >= 1 (or None)")
+    return sub_batch
+
+
+def chunks(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)`` (one slice without
+    ``size``)."""
+    size = int(size) if size else max(n, 1)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
 def check_finite(t: torch.Tensor, what: str, *, dtype: str | None = None) -> None:
     """Refuse NaN or infinite values in ``t`` (B, ...), counting the samples that hold them.
 
@@ -168,11 +184,13 @@ class Attack:
     seed: int = 0
     autocast_bf16: bool = False
     channels_last: bool = False
+    sub_batch: int | None = None  # images per forward/backward pass; None: the whole batch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", check_norm(self.norm))
         object.__setattr__(self, "eps", check_eps(self.eps))
         object.__setattr__(self, "seed", check_seed(self.seed))
+        check_sub_batch(self.sub_batch)
 
     @property
     def min_classes(self) -> int:
@@ -198,7 +216,7 @@ class Attack:
             # Which rows are correct, and which attacks succeed, is decided in float32 without
             # autocast: the pass whose activations extract.py stores. bf16 is for the search.
             with torch.no_grad():
-                clean_logits = model(x).float()
+                clean_logits = self.forward_chunks(model, x)
             check_finite(clean_logits, f"attack {self.name}: the clean forward's logits")
             n_classes = clean_logits.shape[1]
             if n_classes < self.min_classes:
@@ -219,7 +237,7 @@ class Attack:
                 x_sub = self._perturb(model, x[idx], y[idx], seed)
                 x_adv[idx] = enforce_constraints(x[idx], x_sub.to(x.dtype), self.norm, self.eps)
             with torch.no_grad():
-                pred_adv = model(x_adv).float().argmax(dim=1)
+                pred_adv = self.forward_chunks(model, x_adv).argmax(dim=1)
             success = attacked & (pred_adv != y)
             return AttackResult(
                 x_adv=x_adv.detach(),
@@ -228,6 +246,12 @@ class Attack:
                 pred_clean=pred_clean,
                 pred_adv=pred_adv,
             )
+
+    def forward_chunks(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``model(x)``, computed ``sub_batch`` images at a time."""
+        if not self.sub_batch or len(x) <= self.sub_batch:
+            return model(x).float()
+        return torch.cat([model(x[s]).float() for s in chunks(len(x), self.sub_batch)])
 
     def _prepare(
         self, model: torch.nn.Module, x: Any, y: Any

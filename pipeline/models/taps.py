@@ -9,6 +9,7 @@ in-place operations (``ReLU(inplace=True)``) would overwrite them.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class LayerInfo:
     name: str
     shape: tuple[int, ...]
     auto: bool = False  # selected by ``auto`` (a main stage output)
+    # The earlier layer whose output is this very tensor (e.g. WRN's block1 returns the output
+    # of block1.layer.3): the store keeps one copy (docs/design.md, "Aliases").
+    alias_of: str | None = None
 
     @property
     def size(self) -> int:
@@ -84,16 +88,38 @@ def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
     if missing:
         raise ConfigError(f"model declares taps {missing} that are not modules of it")
     order: dict[str, tuple[int, ...]] = {}
+    keys: dict[str, tuple] = {}
+    keep: list[torch.Tensor] = []  # held so that no storage is reused during the probe
 
     def hook(name):
         def fn(_m, _inp, out):
             out = _first_tensor(out)
             order.pop(name, None)  # a repeated call moves to its last position
             order[name] = tuple(out.shape[1:])
+            keys[name] = tensor_key(out)
+            keep.append(out)
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    _probe(model, in_shape, {modules[n]: hook(n) for n in names})
+    auto = _auto_names(model)
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for name in order:  # the first layer in forward order to give a tensor owns it
+        alias_of = first.setdefault(keys[name], name)
+        if alias_of != name:
+            alias[name] = alias_of
+    infos = [LayerInfo(INPUT, tuple(int(s) for s in in_shape), auto=False)]
+    infos += [LayerInfo(n, s, auto=n in auto, alias_of=alias.get(n)) for n, s in order.items()]
+    if not any(i.auto for i in infos):  # e.g. a single Sequential child: then all are main
+        infos = [dataclasses.replace(i, auto=i.name != INPUT) for i in infos]
+    return infos
+
+
+def _probe(model: nn.Module, in_shape: Sequence[int], hooks: dict) -> None:
+    """One forward pass of a zero image in eval mode, without gradients, with ``hooks``
+    ({module: forward hook}) registered for it only."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
     was_training = model.training
     try:
         model.eval()
@@ -104,12 +130,50 @@ def catalog(model: nn.Module, in_shape: Sequence[int]) -> list[LayerInfo]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    auto = _auto_names(model)
-    infos = [LayerInfo(INPUT, tuple(int(s) for s in in_shape), auto=False)]
-    infos += [LayerInfo(n, s, auto=n in auto) for n, s in order.items()]
-    if not any(i.auto for i in infos):  # e.g. a single Sequential child: then all are main
-        infos = [LayerInfo(i.name, i.shape, auto=i.name != INPUT) for i in infos]
-    return infos
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What makes two module outputs the same values: the same storage, offset, shape and
+    strides, and no in-place change in between (``_version``; ``ReLU(inplace=True)`` shares
+    its input's storage but changes it, so it is not an alias of that input)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t._version, t.dtype)  # fmt: skip
+
+
+def layer_aliases(catalog: Sequence[LayerInfo], layers: Sequence[str]) -> dict[str, str]:
+    """``{alias: layer}`` among the selected ``layers``: each layer that is the same tensor as
+    an earlier selected one maps to the first of them."""
+    chosen = set(layers)
+    owner: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for info in catalog:
+        if info.name not in chosen:
+            continue
+        root = info.alias_of or info.name
+        if root in owner:
+            out[info.name] = owner[root]
+        else:
+            owner[root] = info.name
+    return out
+
+
+def activation_values(model: nn.Module, in_shape: Sequence[int]) -> int:
+    """Values per sample that one forward pass produces across all leaf modules.
+
+    The outputs of an in-place module (``ReLU(inplace=True)``) share their input's storage and
+    are counted once. Autograd keeps about this much per sample for the backward pass, which
+    is what sizes an attack's memory (see :func:`advlens.extract.plan_sub_batch`).
+    """
+    seen: dict[int, int] = {}
+    keep: list[torch.Tensor] = []  # held so that no storage is reused during the probe
+
+    def fn(_m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            keep.append(out)
+            seen[out.untyped_storage().data_ptr()] = out.numel()
+
+    _probe(model, in_shape, {m: fn for m in model.modules() if not any(True for _ in m.children())})
+    return int(sum(seen.values()))
 
 
 def select_layers(
@@ -150,8 +214,13 @@ def tap_forward(
     layers: Sequence[str],
     pool: str = "none",
     grad: bool = False,
+    aliases: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run ``model(x)``; return the logits and ``{layer: (B, D) activations}``.
+
+    ``aliases`` (``{alias: layer}``, :func:`layer_aliases`): those layers are not copied and
+    not returned; each is checked to be the same tensor as its layer in this pass
+    (ConfigError otherwise).
 
     Outputs are cloned inside the hook, before any later in-place op can change them.
     ``pool="gap"`` averages (B, C, H, W) outputs over H and W (never the input image).
@@ -164,10 +233,17 @@ def tap_forward(
     if unknown:
         raise ConfigError(f"unknown layer {unknown[0]!r}; {closest(unknown[0], tap_names(model))}")
     acts: dict[str, torch.Tensor] = {}
+    aliases = dict(aliases or {})
+    keys: dict[str, tuple] = {}
+    watched = set(aliases) | set(aliases.values())
 
     def hook(name):
         def fn(_m, _inp, out):
-            acts[name] = _flatten(_first_tensor(out).clone(), pool)
+            out = _first_tensor(out)
+            if name in watched:
+                keys[name] = tensor_key(out)
+            if name not in aliases:
+                acts[name] = _flatten(out.clone(), pool)
 
         return fn
 
@@ -178,8 +254,16 @@ def tap_forward(
     finally:
         for h in handles:
             h.remove()
+    for alias, layer in aliases.items():
+        if alias in keys and keys[alias] != keys.get(layer):
+            raise ConfigError(
+                f"layer {alias!r} was stored as an alias of {layer!r} (the same tensor), but in "
+                "this forward pass it is not: the model changed; rerun with --overwrite"
+            )
     out = {}
     for name in layers:  # in the caller's order
+        if name in aliases:
+            continue
         if name == INPUT:
             out[name] = (
                 x.detach().reshape(len(x), -1).clone() if not grad else x.reshape(len(x), -1)
