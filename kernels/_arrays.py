@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from advlens._optional import require
 from advlens.errors import ConfigError, DataError
 
 
@@ -36,8 +37,6 @@ def to_backend(a: Any, feature: str) -> tuple[Any, Any, Callable[[Any], Any]]:
         torch = sys.modules["torch"]
         t = a.detach()
         if t.is_cuda:
-            from advlens._optional import require
-
             cp = require("cupy", feature)
             return cp.from_dlpack(t), cp, torch.from_dlpack
         return t.numpy(), np, torch.from_numpy

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 EXTRA = 8  # spare candidates beyond k + 1, so that the certificate almost always holds
 MAX_ROWS = 4096  # query rows per block
 
@@ -40,7 +42,6 @@ def block_shape(n: int, kk: int, d: int, elements: int) -> tuple[int, int]:
 
 def _row_sort(d2: Any, ids: Any) -> tuple[Any, Any]:
     """Sort each row by (d2, id) with two stable sorts."""
-    import torch
 
     o = torch.argsort(ids, dim=1, stable=True)
     d2, ids = d2.gather(1, o), ids.gather(1, o)
@@ -52,7 +53,6 @@ def _drop_self(d2: Any, ids: Any, rows: Any, k: int) -> tuple[Any, Any]:
     """Remove each row's own index (or its last entry when the point itself is not listed).
 
     Gathers instead of boolean masks, which would synchronise with the host."""
-    import torch
 
     m, kk = ids.shape
     own = ids == rows[:, None]
@@ -71,7 +71,6 @@ def knn_torch(
     (default: on a CPU when float32 matmuls run at full precision). Returns ``(idx (n, k) int64,
     dist (n, k) float64)`` on ``x``'s device. ``elements``: block budget (default :func:`budget`).
     """
-    import torch
 
     x = x.to(torch.float64)
     n = x.shape[0]
@@ -95,7 +94,6 @@ def knn_torch(
 def _candidates(xc, sq, q, kk: int, tile: int):
     """The ``kk`` smallest Gram scores ``|x|^2 - 2 q.x`` of each query row over all points,
     merged tile by tile (running top-kk); returns (scores, ids)."""
-    import torch
 
     n = xc.shape[0]
     best_v = best_i = None
@@ -116,7 +114,6 @@ def _candidates(xc, sq, q, kk: int, tile: int):
 def _search(x, xc, rows, k, kk, out_i, out_d2, elements: int | None = None):
     """Search ``rows`` with ``kk`` Gram candidates each; write every row, return the rows whose
     certificate fails (to be redone by the next tier)."""
-    import torch
 
     n, d = x.shape
     sq = (xc * xc).sum(dim=1)

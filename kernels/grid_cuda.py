@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from advlens._optional import require
+from advlens.errors import ConfigError
 from advlens.kernels.grid import Grid, cell_coords, plan_grid
 
 MAX_K = 64  # per-thread buffer size (registers/local memory)
@@ -190,8 +192,6 @@ def run_grid_knn(
 
 @functools.lru_cache(maxsize=16)
 def _module(k: int) -> Any:
-    from advlens._optional import require
-
     cp = require("cupy", "the GPU kNN kernel")
     return cp.RawModule(code=SOURCE, options=(f"-DKNN_K={k}",))
 
@@ -200,12 +200,9 @@ def knn2d_cuda(
     xy: Any, k: int, *, ppc: float | None = None, grid: Grid | None = None
 ) -> tuple[Any, Any, Any]:
     """Exact kNN of cupy (n, 2) points on the current GPU; see :func:`run_grid_knn`."""
-    from advlens._optional import require
 
     cp = require("cupy", "the GPU kNN kernel")
     if not 1 <= k <= MAX_K:
-        from advlens.errors import ConfigError
-
         raise ConfigError(f"k = {k}: the GPU kernel supports 1 <= k <= {MAX_K}")
     mod = _module(k)
 

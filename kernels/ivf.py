@@ -21,6 +21,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+from advlens.kernels.bruteforce import EXTRA, _drop_self, _row_sort, _search, budget
+
 N_PROBE = 32  # lists searched per query list (recall >= 0.99 at 1e5 points, tests)
 KMEANS_ITERS = 8
 SAMPLE_PER_LIST = 64  # k-means sample: this many points per list (faiss' rule of thumb: 39-256)
@@ -33,7 +37,6 @@ def n_lists_for(n: int) -> int:
 
 def _nearest(points: Any, cent: Any, elements: int) -> Any:
     """Index of each point's nearest centroid (blocked Gram scores, argmin)."""
-    import torch
 
     csq = (cent * cent).sum(dim=1)
     rows = max(1, elements // max(1, cent.shape[0]))
@@ -46,7 +49,6 @@ def _nearest(points: Any, cent: Any, elements: int) -> Any:
 
 def kmeans(x: Any, n_lists: int, *, seed: int = 0, iters: int = KMEANS_ITERS, elements: int):
     """Lloyd's k-means of the rows of ``x`` (float32) from a seeded sample; (n_lists, d)."""
-    import torch
 
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -76,9 +78,6 @@ def ivf_knn(
     Returns ``(idx (n, k) int64, dist (n, k) float64)`` on ``x``'s device, each row sorted by
     (exact distance, index).
     """
-    import torch
-
-    from advlens.kernels.bruteforce import EXTRA, _drop_self, _row_sort, _search, budget
 
     n, d = x.shape
     elements = elements or budget(x.device)

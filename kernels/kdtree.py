@@ -11,15 +11,15 @@ boundary, many duplicates) go to the grid reference. The results are bit-identic
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial import cKDTree
+
+from advlens.kernels.grid import knn2d_reference
 
 TIE_MARGIN = 1e-9  # relative gap that cKDTree's rounding cannot close
 
 
 def knn2d_kdtree(xy: np.ndarray, k: int, *, workers: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """Same contract and results as :func:`advlens.kernels.grid.knn2d_reference`."""
-    from scipy.spatial import cKDTree
-
-    from advlens.kernels.grid import knn2d_reference
 
     x = np.ascontiguousarray(xy, dtype=np.float64)
     n = x.shape[0]

@@ -14,9 +14,15 @@ import sys
 from typing import Any
 
 import numpy as np
+import torch
 
+from advlens._optional import has
 from advlens.errors import ConfigError, closest
 from advlens.kernels._arrays import check_k, check_points, is_cupy, is_torch, to_backend
+from advlens.kernels.bruteforce import knn_torch
+from advlens.kernels.grid import knn2d_reference
+from advlens.kernels.grid_cuda import knn2d_cuda
+from advlens.kernels.kdtree import knn2d_kdtree
 
 GPU_MIN_POINTS = 20_000  # below this, "auto" keeps host arrays on the CPU (launch overheads)
 # cKDTree (all cores) against the single-threaded NumPy grid: about even on 2 busy cores at 2e5
@@ -61,17 +67,12 @@ def knn2d(xy: Any, k: int, *, method: str = "auto", ppc: float | None = None) ->
     if method not in METHODS:
         raise ConfigError(f"method = {method!r}: {closest(str(method), METHODS)}")
     if xp is np:
-        from advlens.kernels.grid import knn2d_reference
-        from advlens.kernels.kdtree import knn2d_kdtree
-
         big = arr.shape[0] >= KDTREE_MIN_POINTS and _cores() >= KDTREE_MIN_CORES
         if method == "kdtree" or (method == "auto" and big):
             idx, dist = knn2d_kdtree(arr, k)
         else:
             idx, dist = knn2d_reference(arr, k, ppc=ppc)
     else:
-        from advlens.kernels.grid_cuda import knn2d_cuda
-
         idx, dist, _ = knn2d_cuda(arr, k, ppc=ppc)
     return back(idx), back(dist.astype(_out_dtype(arr.dtype), copy=False))
 
@@ -83,9 +84,6 @@ def knn(x: Any, k: int) -> tuple[Any, Any]:
     Gram-matrix brute force, certified and recomputed exactly). Returns ``(idx (n, k) int64,
     dist (n, k))`` of the input's array type; dist dtype as in :func:`knn2d`.
     """
-    import torch
-
-    from advlens.kernels.bruteforce import knn_torch
 
     if is_torch(x):
         t = x.detach()
@@ -107,8 +105,6 @@ def knn(x: Any, k: int) -> tuple[Any, Any]:
 def gpu_available(what: str) -> bool:
     """Whether a CUDA device can run ``what`` ("knn2d": needs cupy; "knn": needs torch CUDA)."""
     if what == "knn2d":
-        from advlens._optional import has
-
         if not has("cupy"):
             return False
         cp = sys.modules["cupy"]
@@ -116,9 +112,6 @@ def gpu_available(what: str) -> bool:
             return cp.cuda.runtime.getDeviceCount() > 0
         except Exception:  # no driver: cupy imports but cannot see a device
             return False
-    torch = sys.modules.get("torch")
-    if torch is None:
-        import torch
     return bool(torch.cuda.is_available())
 
 
@@ -139,6 +132,5 @@ def place(x: Any, device: str, what: str) -> Any:
         raise ConfigError(f"device = 'cuda' needs {need}; use device='cpu' or 'auto'")
     if what == "knn2d":
         return sys.modules["cupy"].asarray(x)
-    import torch
 
     return torch.as_tensor(np.asarray(x), device="cuda")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import hypergeom
 
 VARIANTS = ("overlap", "mixing", "pair")
 AUTO_K_PER_SAMPLE = (
@@ -51,7 +52,6 @@ def chance(variant: str, n: int, k: int, n_perturbed: int | None = None) -> floa
         return k / (total - 1)
     if variant not in ("overlap", "mixing"):
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    from scipy.stats import hypergeom
 
     h = np.arange(k + 1)
     out = 0.0

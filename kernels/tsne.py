@@ -22,11 +22,14 @@ from an extent copied asynchronously ``REGRID_EVERY`` iterations earlier.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from advlens.kernels.bruteforce import knn_torch
+from advlens.kernels.ivf import ivf_knn
 from advlens.kernels.tsne_fft import BOXES_PER_UNIT, n_boxes_for, repulsion_fft
 
 EXACT_MAX_N = 2048  # repulsion "auto": exact (tiled) up to here, FFT interpolation above
@@ -66,7 +69,6 @@ def exact_knn(
 
     Returns ``idx`` (n, k) int64 and Euclidean ``dist`` (n, k) float32 (from float64).
     """
-    from advlens.kernels.bruteforce import knn_torch
 
     n = x.shape[0]
     if not 1 <= k < n:
@@ -82,7 +84,6 @@ def knn_graph(
     method = choose_knn(x.shape[0], x.device, method)
     if method == "exact":
         return (*exact_knn(x, k), method)
-    from advlens.kernels.ivf import ivf_knn
 
     if not 1 <= k < x.shape[0]:
         raise ValueError(f"knn_graph: k = {k} needs 1 <= k < n = {x.shape[0]}")
@@ -464,7 +465,6 @@ def tsne(
     **opt,
 ) -> TSNEResult:
     """Full t-SNE of ``x`` (n, d) on its device; ``opt`` goes to :func:`optimize`."""
-    import time
 
     dev = x.device
     x = x.to(torch.float32)

@@ -7,9 +7,8 @@ The Python API (:mod:`advlens.api`): ``advlens.analyze(model, images, labels, ..
 ``advlens.load_run(path)`` and their ``advlens.Result``, imported on first use.
 """
 
-__version__ = "0.1.0"
-
-from advlens.errors import AdvlensError, ConfigError  # noqa: E402
+from advlens._version import __version__
+from advlens.errors import AdvlensError, ConfigError
 
 __all__ = ["AdvlensError", "ConfigError", "Result", "__version__", "analyze", "load_run"]
 _API = ("Result", "analyze", "load_run")

@@ -6,6 +6,8 @@ import importlib.metadata as md
 import platform
 from pathlib import Path
 
+import torch
+
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (or what ``platform`` knows)."""
@@ -21,8 +23,6 @@ def cpu_name() -> str:
 def device_name(device: object = "cpu") -> str:
     """The GPU's name for a CUDA device (str or ``torch.device``), else the CPU model."""
     if str(device).startswith("cuda"):
-        import torch
-
         return torch.cuda.get_device_name(torch.device(str(device)))
     return cpu_name()
 

@@ -18,14 +18,26 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 
+from advlens._optional import require
+from advlens.config import from_dict, load
+from advlens.data import Dataset
 from advlens.errors import ConfigError, closest
+from advlens.models import weights_digest
+from advlens.report import figures as F
+from advlens.report import summary
+from advlens.report.html import write_report
+from advlens.report.tables import METRICS, aggregate, load_maps, read_metrics
+from advlens.run import run
 
 # Columns of the notebook table (the full rows are in Result.table).
 HTML_COLUMNS = ("layer", "norm", "eps", "overlap", "ci_low", "ci_high", "overlap_reduced", "auc")
@@ -42,23 +54,17 @@ class Result:
 
     def aggregate(self) -> list[dict[str, Any]]:
         """One row per attack x norm x layer: mean, std and bootstrap interval over repeats."""
-        from advlens.report.tables import aggregate
 
         return aggregate(self.table, self.layers)
 
     def to_pandas(self):
         """The table as a ``pandas.DataFrame`` (needs pandas)."""
-        from advlens._optional import require
 
         pd = require("pandas", "Result.to_pandas()")
         return pd.DataFrame(self.table)
 
     def plot(self, metric: str = "overlap"):
         """The per-layer curve of ``metric`` (one line per attack x norm) as a matplotlib Figure."""
-        from matplotlib.figure import Figure
-
-        from advlens.report import figures as F
-        from advlens.report.tables import METRICS
 
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is not a metric; {closest(metric, METRICS)}")
@@ -81,7 +87,6 @@ class Result:
     def points(self, layer: str, *, attack: str | None = None, norm: str | None = None):
         """The 2-D map of ``layer`` as a :class:`~advlens.report.tables.TaskMap` (``xy``,
         ``is_perturbed``, ``labels``, ``per_point``; clean points first, then their twins)."""
-        from advlens.report.tables import load_maps
 
         maps = load_maps(self.run_dir, self.table)
         keys = [k for k in maps if attack in (None, k[0]) and norm in (None, k[1])]
@@ -103,9 +108,6 @@ class Result:
     def map(self, layer: str, *, attack: str | None = None, norm: str | None = None):
         """The joint t-SNE map of ``layer`` as a matplotlib Figure: overlapping points grey,
         the rest clean or perturbed."""
-        from matplotlib.figure import Figure
-
-        from advlens.report import figures as F
 
         m = self.points(layer, attack=attack, norm=norm)
         with F._rc():
@@ -117,9 +119,6 @@ class Result:
 
     def report(self, path: str | Path | None = None) -> Path:
         """Write the self-contained ``report.html`` (the run's, copied to ``path`` if given)."""
-        import shutil
-
-        from advlens.report.html import write_report
 
         out = write_report(self.run_dir)
         if path is None:
@@ -132,7 +131,6 @@ class Result:
 
     def summary(self) -> str:
         """The end-of-run lines ``advlens run`` prints."""
-        from advlens.report import summary
 
         return summary(self.table, self.run_dir)
 
@@ -161,7 +159,6 @@ def _fmt(v: Any) -> str:
 
 def load_run(path: str | Path) -> Result:
     """The :class:`Result` of a finished run folder (one holding ``metrics.json``)."""
-    from advlens.report.tables import read_metrics
 
     run_dir = Path(path).resolve()
     rows, layers = read_metrics(run_dir)
@@ -208,8 +205,6 @@ def analyze(
     **settings : any other config key as ``section__key=value``, e.g. ``attack__n_iter=20``,
         ``embed__seeds=[0, 1, 2]``; ``advlens config`` lists them.
     """
-    from advlens.config import from_dict, load
-    from advlens.run import run
 
     base = load().to_dict()
     data = None
@@ -239,8 +234,6 @@ def analyze(
         # The run folder's identity (resume or refuse) must change with the images.
         values["data.source"], values["data.path"] = "arrays", f"sha1:{_digest_data(data)}"
     if not isinstance(model, str):
-        import torch
-
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(
                 f"analyze: model must be a torch.nn.Module or a model name, got "
@@ -285,7 +278,6 @@ def _setting_key(key: str, base: dict[str, dict]) -> str:
 
 def _dataset(images, labels, classes):
     """A :class:`~advlens.data.Dataset` from arrays or tensors, checked as a run needs it."""
-    from advlens.data import Dataset
 
     if images is None or labels is None:
         raise ConfigError("analyze: pass images and labels (or a dataset name as images)")
@@ -333,7 +325,6 @@ def _digest_data(data) -> str:
 def _digest_model(model) -> str:
     """Hash of the class, weights and buffers: a changed model makes a new store, never a
     stale one."""
-    from advlens.models import weights_digest
 
     return weights_digest(model, hashlib.sha1(type(model).__qualname__.encode()))[:16]
 

@@ -32,8 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+from openTSNE import TSNE
 
+from advlens._env import cpu_name, versions
+from advlens._io import atomic_write, write_json
+from advlens._optional import MissingDependency, has
+from advlens.data import load_dataset
+from advlens.embed import (
+    TSNEParams,
+    embed,
+    get_engine,
+    knn_graph,
+    list_engines,
+    recall_at_k,
+    trustworthiness,
+)
 from advlens.errors import ConfigError, DataError, closest
+from advlens.overlap import overlap
+from advlens.reduce import reduce
+from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +180,8 @@ def load_points(spec: str, seed: int = 0, n: int = 20_000) -> tuple[np.ndarray, 
     """The benchmark points (m, <=50) float32 and a description of where they came from.
 
     ``synthetic`` makes exactly ``n`` points; the other sources have the size they have."""
-    from advlens.reduce import reduce
 
     if spec == "fashion-mnist":
-        from advlens.data import load_dataset
-
         parts = [load_dataset("fashion-mnist", split=s) for s in ("train", "test")]
         x = np.concatenate([p.images.reshape(len(p.images), -1) for p in parts])
         return reduce(x, 50, seed=seed), f"Fashion-MNIST train+test ({len(x)}), PCA to 50"
@@ -185,8 +201,6 @@ def load_points(spec: str, seed: int = 0, n: int = 20_000) -> tuple[np.ndarray, 
 
 
 def _open_store(path: str):
-    from advlens.store import ActivationStore
-
     if not Path(path).exists():
         raise DataError(f"store {path!r} does not exist; run `advlens run` first or fix the path")
     return ActivationStore.open(path)
@@ -218,7 +232,6 @@ def run_bench(
     baseline: bool = True,
 ) -> dict[str, Any]:
     """Measure every engine at every size; returns the JSON-ready result."""
-    from advlens.embed import TSNEParams, list_engines
 
     for name in engines:
         if name not in list_engines():
@@ -263,8 +276,6 @@ def run_bench(
 
 
 def _bench_size(x, engines, params, knn_mode, sample, baseline) -> list[dict[str, Any]]:
-    from advlens.embed import knn_graph
-
     n = len(x)
     graph, knn_s = None, None
     if knn_mode == "shared":
@@ -297,8 +308,6 @@ def _bench_size(x, engines, params, knn_mode, sample, baseline) -> list[dict[str
 
 def _run_engine(name, x, params, graph):
     """(status fields, Embedding or None): skipped when the engine is not installed."""
-    from advlens._optional import MissingDependency
-    from advlens.embed import embed, get_engine
 
     try:
         mod = get_engine(name)
@@ -322,8 +331,6 @@ def _timing(knn_s: float | None, opt_s: float) -> dict[str, Any]:
 
 
 def _quality(x, xy, sample: int, seed: int) -> dict[str, float]:
-    from advlens.embed import recall_at_k, trustworthiness
-
     return {
         "recall@10": recall_at_k(x, xy, k=10, sample=sample, seed=seed),
         "trustworthiness": trustworthiness(x, xy, k=10, sample=sample, seed=seed),
@@ -331,14 +338,11 @@ def _quality(x, xy, sample: int, seed: int) -> dict[str, float]:
 
 
 def _plain_opentsne(x, params):
-    from openTSNE import TSNE
-
     return np.asarray(TSNE(n_jobs=params.n_jobs, random_state=params.seed).fit(x), np.float32)
 
 
 def _baseline(x, params, sample) -> dict[str, Any]:
     """openTSNE exactly as a user would call it: its own kNN (Annoy), its own schedule."""
-    from advlens._optional import has
 
     row: dict[str, Any] = {"engine": BASELINE, "n": len(x)}
     if not has("openTSNE"):
@@ -352,10 +356,6 @@ def _baseline(x, params, sample) -> dict[str, Any]:
 
 
 def _bench_overlap(path, layer, engines, params, baseline) -> dict[str, Any]:
-    from advlens.embed import knn_graph
-    from advlens.overlap import overlap
-    from advlens.reduce import reduce
-
     store = _open_store(path)
     layer = layer or store.layers[-1]
     _check_layer(store, layer, "--overlap-layer")
@@ -384,19 +384,13 @@ def _loadavg() -> list[float] | None:
 
 def environment() -> dict[str, Any]:
     """Device, CPU count, load and library versions, for the record."""
-    from advlens._env import cpu_name, versions
 
     libs = versions("advlens", "numpy", "scipy", "scikit-learn", "openTSNE", "torch",
                     "threadpoolctl", "cuml-cu12", "cuml-cu13", "cupy-cuda12x", "cupy-cuda13x")  # fmt: skip
     cpu = cpu_name()
     gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
     return {
         "device": f"GPU {gpu} + CPU {cpu}" if gpu else f"CPU {cpu}",
         "cpu_model": cpu,
@@ -417,7 +411,6 @@ def environment() -> dict[str, Any]:
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
     """FILE.json, FILE.md and FILE.png."""
-    from advlens._io import atomic_write, write_json
 
     out = Path(out)
     if out.suffix != ".json":
@@ -480,8 +473,6 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
     fig = Figure(figsize=(11, 4.2))
     ax_t, ax_q = fig.subplots(1, 2)
     names = list(dict.fromkeys(r["engine"] for r in result["results"]))

@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 
-from advlens import __version__
+from advlens import progress
+from advlens._version import __version__
 from advlens.errors import AdvlensError
 
 # name -> (module, one-line help)
@@ -38,7 +39,13 @@ EXIT_CODES = """Exit status:
   130 interrupted: rerun the same command to resume"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand's module is imported and configured.
+
+    The one deliberate lazy import of advlens (docs/design.md, "Imports"): a command module
+    imports torch, zarr, ... at its top, so ``advlens --help`` and ``advlens config`` import
+    only what they run. Without ``command`` every subcommand is configured.
+    """
     parser = argparse.ArgumentParser(
         prog="advlens",
         description="Where, inside a network, do adversarial examples part ways with clean inputs?",
@@ -50,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"advlens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)  # listed in --help; not the one that runs
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(
             name,
@@ -63,13 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str]) -> str:
+    """The subcommand ``argv`` names (its first word that is one), else ``""``."""
+    return next((a for a in argv if not a.startswith("-")), "") if argv else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from advlens import progress
 
     # --quiet swaps progress bars for periodic log lines; it does not silence the run.
     progress.set_quiet(args.quiet)

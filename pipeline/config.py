@@ -88,6 +88,34 @@ class DataConfig:
             raise ConfigError(f"data.n = {self.n}: the number of samples must be at least 3")
 
 
+ADVERSARIAL = ("pgd-linf",)
+
+
+@dataclass(frozen=True)
+class AdvRecipe:
+    """Adversarial training (Madry et al.): PGD under ``method``'s norm with budget ``eps`` and
+    ``steps`` steps of ``2.5 * eps / steps`` from a uniform random start."""
+
+    method: str = "pgd-linf"
+    eps: float = 0.1
+    steps: int = 7
+
+    def __post_init__(self) -> None:
+        if self.method not in ADVERSARIAL:
+            raise ConfigError(
+                f"adversarial = {self.method!r}: valid methods are {', '.join(ADVERSARIAL)}"
+            )
+        if not 0 < self.eps < 1 or self.steps < 1:
+            raise ConfigError(
+                f"adversarial training eps = {self.eps}, steps = {self.steps}: use 0 < eps < 1 "
+                "(images lie in [0, 1]) and steps >= 1"
+            )
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}-e{self.eps:g}-k{self.steps}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network: a zoo name (small-cnn, wrn-28-10, denser) or ``module:factory``."""
@@ -125,8 +153,6 @@ class ModelConfig:
         if self.adversarial in ("none", ""):  # --set model.adversarial=none: the standard model
             object.__setattr__(self, "adversarial", None)
         if self.adversarial is not None:  # checked here, before any data or model is touched
-            from advlens.train import AdvRecipe
-
             AdvRecipe(self.adversarial, self.adversarial_eps, self.adversarial_steps)
 
 
@@ -558,43 +584,3 @@ def store_identity(cfg: RunConfig, attack: str, norm: str, eps: float) -> dict[s
     ident = {k: v for k, v in ident.items() if v}
     ident["attack"] |= {"name": attack, "norm": norm, "eps": float(eps)}
     return ident
-
-
-def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
-    """Check the settings that depend on each other; needs no data, model or attack.
-
-    ``data_given``: the caller passes its own images (the Python API), so ``data.source``
-    names no dataset to load. Raises :class:`ConfigError` naming the key. Called before any
-    work (see advlens.run).
-    """
-    from advlens.data import SOURCES
-    from advlens.embed import TSNEParams, max_perplexity
-    from advlens.kernels.metrics import auto_k
-
-    if not data_given and cfg.data.source not in SOURCES:
-        raise ConfigError(
-            f"data.source = {cfg.data.source!r} is not a known dataset; {closest(cfg.data.source, SOURCES)}"
-        )
-    for seed in cfg.embed.seed_list:
-        for perp in cfg.embed.perplexity_list:
-            TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
-    points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
-    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
-    if k >= points:
-        raise ConfigError(
-            f"overlap.k = {k}: must be below the {points} points of a map "
-            f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
-        )
-    dropped = [k for k in cfg.overlap.k_sweep if k >= points]
-    if dropped:
-        log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
-    limit = max_perplexity(points)
-    for perp in cfg.embed.perplexity_list:
-        if perp > limit:
-            # Lowered in every engine alike; the row records it as perplexity_used.
-            log.warning(
-                "embed.perplexity = %g is too large for data.n = %d (%d points); the maps use "
-                "the largest allowed value, %.4g (recorded as perplexity_used)",
-                perp, cfg.data.n, points, limit,
-            )  # fmt: skip
-    return cfg

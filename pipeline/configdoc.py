@@ -17,6 +17,8 @@ import json
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
+from advlens.config import RunConfig, load
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -30,7 +32,6 @@ class Setting:
 
 def settings() -> list[Setting]:
     """Every ``section.key`` of :class:`~advlens.config.RunConfig`, in definition order."""
-    from advlens.config import RunConfig
 
     out = []
     for section in fields(RunConfig):
@@ -68,8 +69,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from advlens.config import RunConfig, load
-
     rows = settings()
     values = None
     if args.config or args.overrides:

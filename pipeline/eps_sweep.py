@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from advlens._io import atomic_write, write_json
 from advlens.errors import ConfigError
+from advlens.report import figures as F
+from advlens.run import sweep_point, sweep_start
 
 THRESHOLD = 0.5
 SUCCESS_LEVELS = (0.25, 0.5, 0.75)
@@ -103,7 +106,6 @@ def run_eps_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """One :func:`advlens.run.run` per eps; returns (and writes) the sweep summary."""
-    from advlens.run import sweep_point, sweep_start
 
     base, out, folder = sweep_start(config, overrides, name, "eps-sweep", "runs")
     overrides, name = out["overrides"], out["name"]
@@ -151,9 +153,6 @@ def render_eps_markdown(out: dict[str, Any]) -> str:
 
 
 def write_eps_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
-    from advlens._io import atomic_write, write_json
-    from advlens.report import figures as F
-
     folder = Path(folder)
     layers = out.get("layers") or []
     paths = [folder / "eps_sweep.json", folder / "eps_sweep.md"]

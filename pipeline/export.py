@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from advlens._io import atomic_write
 from advlens.errors import ConfigError, closest
+from advlens.reduce import reduce
+from advlens.report.tables import load_maps, read_metrics
+from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
 SPRITE_MAX = 8192  # TensorBoard's largest sprite side in pixels
@@ -44,9 +48,6 @@ def export_projector(
 
     Returns the config's path. ``layers`` None: every layer with a map.
     """
-    from advlens.reduce import reduce
-    from advlens.report.tables import load_maps, read_metrics
-    from advlens.store import ActivationStore
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     rows, order = read_metrics(run_dir)
@@ -125,7 +126,6 @@ def _write_metadata(path: Path, samples: dict, classes, per_point) -> None:
 
 def _write_sprite(path: Path, store, shape: tuple[int, ...]) -> dict[str, Any] | None:
     """One thumbnail per point (clean images, then perturbed) in a square grid."""
-    from PIL import Image
 
     if len(shape) != 3 or shape[0] not in (1, 3):
         return None

@@ -17,8 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from advlens.attacks import check_finite, chunks
 from advlens.errors import StoreError
+from advlens.models.taps import activation_values, tap_forward
+from advlens.progress import bar, expected_forwards, forward_ticks
 
 SEED_STRIDE = 1_000_003
 # Autograd keeps about every leaf module's output per sample for the backward pass; measured
@@ -37,7 +41,6 @@ def plan_sub_batch(model, in_shape: Sequence[int], batch_size: int, memory_mb: i
     input shape only, never on the machine, so the same config gives the same sub-batches.
     Sub-batches of 8 or more are rounded down to a multiple of 8.
     """
-    from advlens.models.taps import activation_values
 
     if not memory_mb:
         return None
@@ -89,10 +92,6 @@ def extract(
     sub_batch : images per tap pass (None: the whole batch); the attack has its own
         ``sub_batch``.
     """
-    import torch
-
-    from advlens.attacks import chunks
-    from advlens.progress import bar, expected_forwards, forward_ticks
 
     layers = list(layers)
     if layers != store.layers:
@@ -145,10 +144,6 @@ def extract(
 def _tap_host(model, x, layers, pool, sub_batch, cast, store, what: str):
     """``{layer: (B, D) array in the store dtype}`` for the layers the store keeps (not its
     aliases, which are checked to be the same tensor), ``sub_batch`` images at a time."""
-    import torch
-
-    from advlens.attacks import check_finite, chunks
-    from advlens.models.taps import tap_forward
 
     out: dict[str, np.ndarray] = {}
     for rows in chunks(len(x), sub_batch):

@@ -21,8 +21,19 @@ import numpy as np
 
 from advlens._io import record, write_json, write_npz
 from advlens.config import EmbedConfig, OverlapConfig, shaping
+from advlens.embed import TSNEParams, embed, max_perplexity
 from advlens.errors import StoreError
-from advlens.report.tables import ARTEFACT_GAP, read_task_map, read_task_row
+from advlens.kernels.metrics import VARIANTS
+from advlens.overlap import (
+    detector_auc,
+    overlap_highdim,
+    overlap_sweep,
+    resolve_k,
+    subsample_interval,
+)
+from advlens.reduce import reduce
+from advlens.results import ARTEFACT_GAP, read_task_map, read_task_row
+from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +114,6 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     if done is not None:
         return done
 
-    from advlens.embed import TSNEParams, embed, max_perplexity
-    from advlens.kernels.metrics import VARIANTS
-    from advlens.overlap import (
-        detector_auc,
-        overlap_highdim,
-        overlap_sweep,
-        resolve_k,
-        subsample_interval,
-    )
-    from advlens.reduce import reduce
-    from advlens.store import ActivationStore
-
     store = ActivationStore.open(task.store, mode="r+")
     samples = store.samples()
     n = store.n
@@ -154,7 +153,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "k": k,
         "k_setting": ov.k,
         "n": n,
-        # embed() lowers a perplexity too large for the map (advlens.config.validate warns)
+        # embed() lowers a perplexity too large for the map (advlens.run.validate warns)
         "perplexity_used": min(float(task.perplexity), max_perplexity(2 * n)),
         "success_rate": float(np.mean(samples["success"])),
         "overlap": sweep[("overlap", k)].value,

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold
+from sklearn.neighbors import KNeighborsClassifier
 
 from advlens._optional import has
 from advlens.errors import ConfigError, DataError, closest
@@ -168,8 +171,6 @@ def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0, folds
     the layer task's PCA is label-blind (fitted on clean and perturbed points without their
     flags), so fitting it on all folds leaks no label (docs/design.md, "The overlap metric").
     """
-    from sklearn.metrics import roc_auc_score
-    from sklearn.neighbors import KNeighborsClassifier
 
     pts = to_numpy(x)
     check_points(pts, np, None)
@@ -195,7 +196,6 @@ def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0, folds
 def detector_folds(n: int, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) point indices of ``folds`` folds over 2N points, grouped by sample (point i
     and its twin i + N share group i; scikit-learn's ``GroupKFold``, shuffled by ``seed``)."""
-    from sklearn.model_selection import GroupKFold
 
     groups = np.tile(np.arange(n), 2)
     cv = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -22,6 +22,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 T = TypeVar("T")
 log = logging.getLogger("advlens.progress")
 _QUIET = False
@@ -79,8 +82,6 @@ class Progress:
         self._postfix = ""
         self._bar = None
         if _use_bar(enabled):
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
 
     def update(self, n: int = 1) -> None:
@@ -203,6 +204,5 @@ def expected_forwards(attack: Any) -> int | None:
 
 def redirect_logging():
     """Route log lines through ``tqdm.write`` while bars are shown, so they never cut a bar."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     return logging_redirect_tqdm(loggers=[logging.getLogger()])

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 
+import dask.array as da
 import numpy as np
+import torch
+from sklearn.decomposition import PCA
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +25,6 @@ def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
     if device != "auto":
         return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -58,7 +57,6 @@ def reduce(x, n_components: int = 50, *, seed: int = 0, device: str = "auto") ->
     device = resolve_device(device)
     if device.startswith("cuda"):
         return _reduce_torch(x, q, seed, device)
-    from sklearn.decomposition import PCA
 
     # covariance_eigh: exact, and far faster than a full SVD when n >> d (70,000 x 784: 10x).
     solver = "covariance_eigh" if d <= EXACT_COV_MAX_D else "randomized"
@@ -67,8 +65,6 @@ def reduce(x, n_components: int = 50, *, seed: int = 0, device: str = "auto") ->
 
 
 def _reduce_torch(x: np.ndarray, q: int, seed: int, device: str) -> np.ndarray:
-    import torch
-
     t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
     t = t - t.mean(dim=0, keepdim=True)
     gen_state = torch.random.get_rng_state()
@@ -82,8 +78,6 @@ def _reduce_torch(x: np.ndarray, q: int, seed: int, device: str) -> np.ndarray:
 
 
 def _reduce_dask(x, q: int, seed: int) -> np.ndarray:
-    import dask.array as da
-
     # Row blocks with whole rows: the store chunks along samples only, so this is free there.
     x = x.astype(np.float32).rechunk({1: -1})
     d = x.shape[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import platform
@@ -30,10 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from advlens import __version__
-from advlens.config import RunConfig, load, shaping_keys, store_identity, validate
-from advlens.errors import ConfigError
+from advlens._env import device_name, versions
+from advlens._io import WRITTEN, record, remove_written
+from advlens._optional import HINTS
+from advlens._version import __version__
+from advlens.attacks import Unperturbed, check_finite, get_attack
+from advlens.config import RunConfig, load, shaping_keys, store_identity
+from advlens.data import SOURCES, dataset_shape, load_dataset, stratified_sample
+from advlens.embed import TSNEParams, get_engine, max_perplexity, resolve_engine
+from advlens.errors import ConfigError, StoreError
+from advlens.extract import extract, plan_queue, plan_sub_batch
+from advlens.kernels.metrics import auto_k
+from advlens.layer_task import LayerTask, run_layer_task
+from advlens.models import build_model, fingerprint, get_factory
+from advlens.models import resolve_device as check_device
+from advlens.models.taps import catalog, layer_aliases, select_layers
+from advlens.models.user import cwd_importable
+from advlens.reduce import resolve_device
+from advlens.report import summary, write_outputs
+from advlens.report.tables import read_task_row
+from advlens.schedule import check_plan, driver_device, plan_cluster, release_device, run_tasks
+from advlens.store import ActivationStore
+from advlens.train import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +109,6 @@ def main(args: argparse.Namespace) -> int:
         print(dry_run(cfg))
         return 0
     result = run(cfg, progress=not args.quiet)
-    from advlens.report import summary
 
     print(summary(result.rows, result.run_dir))
     return exit_code(result.rows)
@@ -97,6 +117,41 @@ def main(args: argparse.Namespace) -> int:
 def exit_code(rows: list[dict[str, Any]]) -> int:
     """0 when there are rows and none records an error, else 1."""
     return 0 if rows and not any(r.get("error") for r in rows) else 1
+
+
+def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
+    """Check the settings that depend on each other; needs no data, model or attack.
+
+    ``data_given``: the caller passes its own images (the Python API), so ``data.source``
+    names no dataset to load. Raises :class:`ConfigError` naming the key. Called before any
+    work (see :func:`run`). It lives here, above the stages, because it asks them (data
+    sources, t-SNE parameters); config.py itself imports no stage.
+    """
+    if not data_given and cfg.data.source not in SOURCES:
+        raise ConfigError(str(SOURCES.unknown(cfg.data.source)))
+    for seed in cfg.embed.seed_list:
+        for perp in cfg.embed.perplexity_list:
+            TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
+    points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
+    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
+    if k >= points:
+        raise ConfigError(
+            f"overlap.k = {k}: must be below the {points} points of a map "
+            f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
+        )
+    dropped = [k for k in cfg.overlap.k_sweep if k >= points]
+    if dropped:
+        log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
+    limit = max_perplexity(points)
+    for perp in cfg.embed.perplexity_list:
+        if perp > limit:
+            # Lowered in every engine alike; the row records it as perplexity_used.
+            log.warning(
+                "embed.perplexity = %g is too large for data.n = %d (%d points); the maps use "
+                "the largest allowed value, %.4g (recorded as perplexity_used)",
+                perp, cfg.data.n, points, limit,
+            )  # fmt: skip
+    return cfg
 
 
 def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunResult:
@@ -121,7 +176,6 @@ def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunR
 
 def _has_results(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished task or a stored batch (something to resume)."""
-    from advlens.store import ActivationStore
 
     if any((run_dir / "tasks").glob("*.json")):
         return True
@@ -135,10 +189,6 @@ def _has_results(run_dir: Path) -> bool:
 
 
 def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
-    from advlens.layer_task import run_layer_task
-    from advlens.models import fingerprint
-    from advlens.schedule import check_plan, plan_cluster, release_device, run_tasks
-
     # Every setting is checked before anything is deleted, loaded or attacked.
     validate(cfg, data_given=data is not None)
     _check_names(cfg, model_given=model is not None)
@@ -193,7 +243,6 @@ def _run(cfg: RunConfig, *, progress: bool, model, data) -> RunResult:
         timings[stage] = float(sum(r.get(f"seconds_{stage}") or 0.0 for r in rows))
 
     t = time.perf_counter()
-    from advlens.report import write_outputs
 
     provenance = _provenance(cfg, model, data, device, layers, shapes, timings)
     provenance["model"] |= model_id
@@ -230,7 +279,6 @@ def sweep_point(
 def _layer_plan(cfg: RunConfig, model, in_shape: tuple[int, ...]):
     """The selected layers, every tappable layer's output shape, each selected width and the
     aliases among the selected layers (``{alias: layer}``: the same tensor, stored once)."""
-    from advlens.models.taps import catalog, layer_aliases, select_layers
 
     cat = catalog(model, in_shape)
     layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
@@ -258,8 +306,6 @@ def alias_rows(rows: list[dict], aliases: dict[str, str], layers: list[str]) -> 
 def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str, order=None) -> list:
     """One layer task per store x layer x engine x seed x perplexity; a task's layer index is
     its place in ``order`` (default: ``layers``)."""
-    from advlens.embed import resolve_engine
-    from advlens.layer_task import LayerTask
 
     # A worker pinned to one GPU sees it as cuda:0, so tasks name no device index.
     task_device = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -300,8 +346,6 @@ def dry_run(cfg: RunConfig) -> str:
     Builds the model without weights (nothing is trained or loaded) and reads only the
     dataset's image shape; nothing is written.
     """
-    from advlens.models import build_model
-    from advlens.models.cli import dataset_shape
 
     _check_names(cfg)
     in_shape, n_classes = dataset_shape(cfg.data.source, cfg.data.path, cfg.data.split)
@@ -356,7 +400,6 @@ def _size(n_bytes: float) -> str:
 def build_attack(cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None):
     """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline.
     ``sub_batch``: images per forward/backward pass (:func:`advlens.extract.plan_sub_batch`)."""
-    from advlens.attacks import Unperturbed, get_attack
 
     a = cfg.attack
     if eps == 0:
@@ -374,11 +417,7 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
     ``model_given``: the caller passes its own ``nn.Module`` (the Python API), so
     ``model.name`` only labels it.
     """
-    from advlens._optional import HINTS
-    from advlens.embed import get_engine
-    from advlens.models import get_factory, resolve_device
-
-    resolve_device(cfg.model.device)
+    check_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
     if not model_given:
         get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
@@ -408,9 +447,6 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
 
 def _clear_tasks(run_dir: Path) -> None:
     """For ``--overwrite``: delete the task rows and maps advlens wrote, leave anything else."""
-    from advlens._io import WRITTEN, record, remove_written
-    from advlens.errors import StoreError
-    from advlens.report.tables import read_task_row
 
     tasks = run_dir / "tasks"
     if not tasks.is_dir():
@@ -432,10 +468,6 @@ def _clear_tasks(run_dir: Path) -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
-
-    from advlens.models.user import cwd_importable
-
     cwd_importable()  # found there at build time too
 
     try:
@@ -445,15 +477,11 @@ def _importable(module: str) -> bool:
 
 
 def _model_and_data(cfg: RunConfig, model=None, data=None):
-    from advlens.data import load_dataset
-    from advlens.models import build_model
-    from advlens.reduce import resolve_device
-    from advlens.schedule import driver_device
-
     device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     if model is None:
+        ensure_weights(cfg.model, data.name)  # training is the run's job, never the builder's
         model = build_model(cfg.model, data.name, tuple(data.images.shape[1:]), len(data.classes))
     model = model.to(device).eval()
     check_fit(model, data, device, cfg.model.name)
@@ -463,7 +491,6 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
 def check_fit(model, data, device: str, name: str) -> None:
     """One sample's forward pass: a model that cannot take the data's images, or that
     returns no logits for every class, is a ConfigError naming both shapes."""
-    import torch
 
     x = torch.as_tensor(data.images[:1], device=device)
     what = f"model {name!r} on {data.name} images of shape {tuple(x.shape)} (N, C, H, W)"
@@ -487,10 +514,6 @@ def check_fit(model, data, device: str, name: str) -> None:
 def _pick_samples(cfg: RunConfig, model, data, device: str):
     """Seeded, class-stratified sample of ``data.n`` correctly classified images, and the
     clean accuracy on the whole split."""
-    import torch
-
-    from advlens.attacks import check_finite
-    from advlens.data import stratified_sample
 
     preds = []
     with torch.no_grad():
@@ -519,7 +542,6 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
     """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
     split still classified correctly under attack, clean x (1 - success rate), since only
     correctly classified images are attacked (a seeded sample of them)."""
-    from advlens.store import ActivationStore
 
     robust = {}
     for attack, norm, _eps, path in stores:
@@ -542,9 +564,6 @@ def _attack_and_extract(
     model_id,
     aliases=None,
 ) -> Path:
-    from advlens.extract import extract, plan_queue, plan_sub_batch
-    from advlens.store import ActivationStore
-
     a = cfg.attack
     sub_batch = plan_sub_batch(model, samples.images.shape[1:], a.batch_size, a.memory_mb)
     attack = build_attack(cfg, attack_name, norm, eps, sub_batch=sub_batch)
@@ -604,8 +623,6 @@ def _slug(name: str) -> str:
 
 
 def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, Any]:
-    from advlens._env import device_name, versions
-
     libs = versions("torch", "numpy", "scipy", "scikit-learn", "openTSNE", "zarr", "dask",
                     "matplotlib", "foolbox")  # fmt: skip
     return {

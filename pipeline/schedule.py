@@ -34,7 +34,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from distributed import (
+    Client,
+    LocalCluster,
+    Nanny,
+    Scheduler,
+    SpecCluster,
+    as_completed,
+    get_worker,
+)
+from distributed.system import MEMORY_LIMIT
+from threadpoolctl import threadpool_limits
+
+from advlens import _optional
+from advlens._optional import require
 from advlens.errors import ConfigError
+from advlens.progress import bar
 
 __all__ = [
     "ClusterPlan",
@@ -140,7 +156,6 @@ def plan_cluster(
     *, workers: int = 0, scheduler: str | None = None, gpus: Sequence[int] = ()
 ) -> ClusterPlan:
     """Decide where tasks run (see the module docstring); starts nothing."""
-    from advlens import _optional
 
     if scheduler:
         return ClusterPlan("scheduler", address=_address(scheduler))
@@ -196,11 +211,7 @@ def describe_cluster(
 
 
 def _device_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count()
+    return int(torch.cuda.device_count())
 
 
 def worker_gpu() -> str | None:
@@ -230,7 +241,6 @@ def release_device(model: Any, device: str) -> Any:
     GPU workers (one of them maybe pinned to the driver's GPU) start their tasks."""
     if not str(device).startswith("cuda"):
         return model
-    import torch
 
     model = model.to("cpu")
     torch.cuda.empty_cache()
@@ -262,8 +272,6 @@ def _resources(plan: ClusterPlan, client: Any) -> dict[str, float] | None:
 
 @contextlib.contextmanager
 def _client(plan: ClusterPlan) -> Iterator[Any]:
-    from distributed import Client
-
     if plan.kind == "scheduler":
         try:
             client = Client(plan.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
@@ -286,16 +294,11 @@ def _client(plan: ClusterPlan) -> Iterator[Any]:
 
 
 def _start_cluster(plan: ClusterPlan) -> Any:
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
-    from distributed.system import MEMORY_LIMIT
-
     # ":0": a free port, so that several runs (or users) on one machine never clash.
     common = {"dashboard_address": ":0", "threads_per_worker": 1}
     if plan.kind == "local-cpu":
         return LocalCluster(n_workers=plan.n_workers, processes=True, **common)
     if plan.kind == "local-cuda":
-        from advlens._optional import require
-
         dask_cuda = require("dask_cuda", "one Dask worker per GPU")
         return dask_cuda.LocalCUDACluster(
             CUDA_VISIBLE_DEVICES=",".join(plan.devices),
@@ -376,8 +379,6 @@ def pinned_threads(n: int = TASK_THREADS) -> Iterator[None]:
     two BLAS threads); Dask workers start with one, so every task gets one wherever it runs.
     t-SNE threads are the engine's own (``embed.n_jobs``, resolved once per run).
     """
-    import torch
-    from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -390,10 +391,8 @@ def pinned_threads(n: int = TASK_THREADS) -> Iterator[None]:
 
 def _worker_address() -> str:
     try:
-        from distributed import get_worker
-
         return get_worker().address
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Dask worker
         return "local"
 
 
@@ -404,8 +403,6 @@ def _error_row(task: Any, position: int, exc: BaseException) -> dict[str, Any]:
 
 
 def _bar(total: int, progress: bool):
-    from advlens.progress import bar
-
     # A bar with rate and time left on a terminal, log lines elsewhere or with --quiet.
     return bar(total=total, desc="layer tasks", unit="task", enabled=None if progress else False)
 
@@ -428,8 +425,6 @@ def _run_in_process(fn, tasks: list, retries: int, progress: bool) -> list[dict[
 
 
 def _run_on_cluster(client, fn, tasks: list, retries: int, progress: bool, resources) -> list:
-    from distributed import as_completed
-
     token = uuid.uuid4().hex[:8]  # keys stay unique if the same tasks run again on one cluster
     futures = [
         client.submit(

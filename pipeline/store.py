@@ -594,10 +594,10 @@ def _check_aliases(path: Path, layers: Mapping[str, int], aliases) -> dict[str, 
 def _create(path: Path, *, n, layers, batch_size, dtype, attrs, aliases) -> None:
     import zarr
 
-    import advlens
+    from advlens._version import __version__
 
     own = {
-        "advlens_version": advlens.__version__,
+        "advlens_version": __version__,
         "store_format": STORE_FORMAT,
         "status": "creating",
         "n": n,

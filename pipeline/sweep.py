@@ -30,7 +30,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from advlens._io import atomic_write, write_json
+from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
 from advlens.errors import ConfigError
+from advlens.run import sweep_point, sweep_start
 
 ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
             "n", "success_rate", "overlap", "calibrated", "ci_low", "ci_high", "mixing", "pair", "overlap_reduced", "auc",
@@ -53,8 +59,6 @@ def main(args: argparse.Namespace) -> int:
     if (args.n is None) == (args.eps is None):
         raise ConfigError("advlens sweep: give one of --n 500,1000 or --eps 0.01,0.05,0.1")
     if args.eps is not None:
-        from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
-
         res = run_eps_sweep(parse_eps(args.eps), config=args.config, overrides=args.overrides,
                             name=args.name, progress=not getattr(args, "quiet", False))  # fmt: skip
         print(render_eps_markdown(res))
@@ -95,7 +99,6 @@ def run_sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """One :func:`advlens.run.run` per size; returns (and writes) the sweep summary."""
-    from advlens.run import sweep_point, sweep_start
 
     _, out, folder = sweep_start(config, overrides, name, "sweep", "sizes")
     overrides, name = out["overrides"], out["name"]
@@ -189,8 +192,6 @@ def _interval(cell: list | None) -> str:
 
 
 def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
-    from advlens._io import atomic_write, write_json
-
     folder = Path(folder)
     paths = [folder / f for f in ("sweep.json", "sweep.md", "sweep.png", "sweep-vs-n.png")]
     write_json(paths[0], out)
@@ -203,8 +204,6 @@ def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
 def _plot_vs_n(out: dict[str, Any], path: Path) -> None:
     """Calibrated overlap against N, one line per layer (first engine / seed / perplexity of
     each attack-norm), with the rows' 95% intervals as bars."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
     summary = out.get("summary") or summarise(out["sizes"])
     groups = sorted({key.split(" | ")[0] for key in summary["overlap"]})
@@ -237,9 +236,6 @@ def _plot_vs_n(out: dict[str, Any], path: Path) -> None:
 
 
 def _plot(out: dict[str, Any], path: Path) -> None:
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
     entries = out["sizes"]
     groups = sorted({_group(r) for e in entries for r in e["rows"]})
     fig = Figure(figsize=(5 + 4.5 * len(groups), 4.2))

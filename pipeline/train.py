@@ -21,69 +21,57 @@ cached like the standard model, in a file whose name carries the recipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from advlens.config import ADVERSARIAL, AdvRecipe
+from advlens.data import load_dataset
+from advlens.errors import ConfigError
+from advlens.models.small_cnn import (
+    TRAINABLE,
+    SmallCNN,
+    cache_dir,
+    is_fresh,
+    read_sidecar,
+    recipe_of,
+    weights_path,
+)
+from advlens.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = ("fashion-mnist", "synthetic")
+# Re-exported: where the cached weights live is the model's fact (models/small_cnn.py).
+__all__ = [
+    "ADVERSARIAL",
+    "TRAINABLE",
+    "AdvRecipe",
+    "cache_dir",
+    "ensure_trained",
+    "ensure_weights",
+    "evaluate",
+    "pgd_linf",
+    "read_sidecar",
+    "train_small_cnn",
+    "weights_path",
+]
 MIN_ACCURACY = {"fashion-mnist": 0.88}
-
-
-def cache_dir() -> Path:
-    """``$ADVLENS_CACHE`` or ``~/.cache/advlens``."""
-    return Path(os.environ.get("ADVLENS_CACHE") or Path.home() / ".cache" / "advlens")
-
-
-ADVERSARIAL = ("pgd-linf",)
-
-
-@dataclass(frozen=True)
-class AdvRecipe:
-    """Adversarial training (Madry et al.): PGD under ``method``'s norm with budget ``eps`` and
-    ``steps`` steps of ``2.5 * eps / steps`` from a uniform random start."""
-
-    method: str = "pgd-linf"
-    eps: float = 0.1
-    steps: int = 7
-
-    def __post_init__(self) -> None:
-        from advlens.errors import ConfigError
-
-        if self.method not in ADVERSARIAL:
-            raise ConfigError(
-                f"adversarial = {self.method!r}: valid methods are {', '.join(ADVERSARIAL)}"
-            )
-        if not 0 < self.eps < 1 or self.steps < 1:
-            raise ConfigError(
-                f"adversarial training eps = {self.eps}, steps = {self.steps}: use 0 < eps < 1 "
-                "(images lie in [0, 1]) and steps >= 1"
-            )
-
-    @property
-    def tag(self) -> str:
-        return f"{self.method}-e{self.eps:g}-k{self.steps}"
-
-
-def weights_path(
-    dataset: str = "fashion-mnist", seed: int = 0, recipe: AdvRecipe | None = None
-) -> Path:
-    """Where the trained small CNN for ``dataset``, ``seed`` (and adversarial ``recipe``) is
-    cached."""
-    tag = f"-{recipe.tag}" if recipe else ""
-    return cache_dir() / "models" / f"small-cnn-{dataset}-s{seed}{tag}.pt"
 
 
 def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
     """Madry et al.'s PGD: random start, signed-gradient ascent steps, projection to the eps ball
     and to [0, 1]. Uses (and so advances) torch's global RNG, seeded by the caller."""
-    import torch
-
     eps, alpha = recipe.eps, 2.5 * recipe.eps / recipe.steps
     adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
     for _ in range(recipe.steps):
@@ -112,12 +100,6 @@ def train_small_cnn(
     Returns ``(model in eval mode, test accuracy)``; the accuracy is NaN without ``ds_test``.
     Seeded: the same data, seed and thread count give the same weights.
     """
-    import numpy as np
-    import torch
-    from torch import nn
-
-    from advlens.models.small_cnn import SmallCNN
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SmallCNN(ds_train.shape, len(ds_train.classes)).to(device)
@@ -129,8 +111,6 @@ def train_small_cnn(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    from advlens.progress import bar as progress_bar
-
     bar = progress_bar(
         total=steps, desc="train small-cnn", unit="step", enabled=None if progress else False
     )
@@ -161,8 +141,6 @@ def train_small_cnn(
 
 def evaluate(model, ds, *, batch_size: int = 1000, device: str = "cpu") -> float:
     """Top-1 accuracy of ``model`` on dataset ``ds``."""
-    import torch
-
     correct = 0
     with torch.no_grad():
         for start in range(0, len(ds), batch_size):
@@ -173,10 +151,8 @@ def evaluate(model, ds, *, batch_size: int = 1000, device: str = "cpu") -> float
 
 
 @contextmanager
-def _lock(path: Path):
+def _lock(path: Path) -> Iterator[None]:
     """Exclusive lock so that concurrent processes train a given model only once."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -184,15 +160,6 @@ def _lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_sidecar(path: Path) -> dict | None:
-    """The JSON written beside cached weights, or None."""
-    side = path.with_suffix(".json")
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_trained(
@@ -209,46 +176,45 @@ def ensure_trained(
 
     A cached file trained with a different number of epochs (or recipe) is retrained.
     """
-    from advlens.errors import ConfigError
-
     if dataset not in TRAINABLE:
         raise ConfigError(f"advlens trains small-cnn on {', '.join(TRAINABLE)}, not {dataset!r}")
     if epochs < 1:
         raise ConfigError(f"model.train_epochs = {epochs}: must be at least 1")
     path = weights_path(dataset, seed, adversarial)
-    want = _recipe_meta(adversarial)
-
-    def fresh() -> bool:
-        meta = read_sidecar(path)
-        return (
-            path.is_file()
-            and meta is not None
-            and meta.get("epochs") == epochs
-            and meta.get("adversarial") == want
-        )
-
-    if not force and fresh():
+    if not force and is_fresh(path, epochs, adversarial):
         return path
     with _lock(path.with_suffix(".lock")):
-        if not force and fresh():  # another process finished it while we waited
+        if not force and is_fresh(path, epochs, adversarial):  # another process finished it
             return path
         _train_and_save(dataset, seed, epochs, path, progress, data_path, adversarial)
     return path
 
 
-def _recipe_meta(recipe: AdvRecipe | None) -> dict | None:
-    from dataclasses import asdict
+def ensure_weights(
+    cfg: Any, dataset: str, *, data_path: str | None = None, progress: bool | None = None
+) -> None:
+    """Train and cache the small CNN that ``cfg`` (a ModelConfig) names, when it needs that.
 
-    return asdict(recipe) if recipe else None
+    The run layer calls this before building a model (building never trains): only
+    ``small-cnn`` without ``model.checkpoint`` on a dataset advlens trains it on.
+    """
+    if cfg.name != "small-cnn" or cfg.checkpoint or dataset not in TRAINABLE:
+        return
+    if progress is None:  # a bar unless logging is quiet (`advlens --quiet` sets WARNING)
+        progress = logging.getLogger("advlens").isEnabledFor(logging.INFO)
+    ensure_trained(
+        dataset, seed=cfg.train_seed, epochs=cfg.train_epochs, progress=progress,
+        data_path=data_path, adversarial=recipe_of(cfg),
+    )  # fmt: skip
+
+
+def _recipe_meta(recipe: AdvRecipe | None) -> dict | None:
+    return dataclasses.asdict(recipe) if recipe else None
 
 
 def _train_and_save(
     dataset, seed, epochs, path: Path, progress: bool, data_path, adversarial=None
 ) -> None:
-    import torch
-
-    from advlens.data import load_dataset
-
     train = load_dataset(dataset, "train", data_path)
     test = load_dataset(dataset, "test", data_path)
     log.info(

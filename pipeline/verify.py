@@ -15,9 +15,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from advlens.errors import StoreError
+from advlens.report.tables import read_metrics, read_task_map, read_task_row
+from advlens.store import ActivationStore
 
 RERUN = "rerun `advlens run` with the run's settings"
 
@@ -25,8 +28,6 @@ RERUN = "rerun `advlens run` with the run's settings"
 def verify(run_dir: str | Path) -> tuple[list[str], list[str]]:
     """(problems, checked): one line per damaged thing, naming its file and what to run, and
     one line per kind of thing that was checked."""
-    from advlens.report.tables import read_metrics, read_task_map, read_task_row
-    from advlens.store import ActivationStore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -74,8 +75,6 @@ def verify(run_dir: str | Path) -> tuple[list[str], list[str]]:
 
 
 def _provenance(run_dir: Path) -> dict:
-    import json
-
     prov = json.loads((run_dir / "provenance.json").read_text())
     if not isinstance(prov, dict):
         raise ValueError("not a JSON object")

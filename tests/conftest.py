@@ -63,5 +63,9 @@ def fmnist_model():
     if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     test = load_dataset("fashion-mnist", split="test")
-    model = build_model(ModelConfig(name="small-cnn"), "fashion-mnist", test.images.shape[1:], 10)
+    from advlens.train import ensure_weights
+
+    cfg = ModelConfig(name="small-cnn")
+    ensure_weights(cfg, "fashion-mnist")  # building never trains; the caller does
+    model = build_model(cfg, "fashion-mnist", test.images.shape[1:], 10)
     return model, test

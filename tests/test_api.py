@@ -44,7 +44,11 @@ def small_model():
     from advlens.models import build_model
 
     # small-cnn on the synthetic source is trained in seconds and cached like the default
-    model = build_model(ModelConfig(name="small-cnn", device="cpu"), "synthetic", (1, 28, 28), 10)
+    from advlens.train import ensure_weights
+
+    cfg = ModelConfig(name="small-cnn", device="cpu")
+    ensure_weights(cfg, "synthetic")
+    model = build_model(cfg, "synthetic", (1, 28, 28), 10)
     return model, synthetic(n=200, seed=0)  # = load_dataset("synthetic", "test")
 
 

@@ -440,7 +440,7 @@ def test_bad_eps(eps):
     "args,kw,match",
     [
         (("apgd-cee", "linf", 0.1), {}, "apgd-ce"),
-        (("pgd", "linf", 0.1), {}, "unknown attack 'pgd'"),
+        (("pgd", "linf", 0.1), {}, "'pgd' is not a known attack"),
         (("foolbox:LinfPDG", "linf", 0.1), {}, "LinfPGD"),
         (("foolbox:LinfPGD", "l2", 0.1), {}, "linf norm, not l2.*L2PGD"),
         (("foolbox:SpatialAttack", "linf", 0.1), {}, "not bounded"),

@@ -28,7 +28,9 @@ def _run(tmp_path, *extra):
 def checkpoint(tmp_path):
     from advlens.config import ModelConfig
     from advlens.models import build_model
+    from advlens.train import ensure_weights
 
+    ensure_weights(ModelConfig(device="cpu"), "synthetic")
     model = build_model(ModelConfig(device="cpu"), "synthetic", (1, 28, 28), 10)
     path = tmp_path / "cnn.pt"
     torch.save(model.state_dict(), path)

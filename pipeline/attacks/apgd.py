@@ -22,11 +22,12 @@ bookkeeping uses masks (``torch.where``), not indexing, so a GPU never waits on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from advlens.attacks import Attack, chunks
+from advlens.attacks.base import APGD_LOSSES, Attack, chunks
 from advlens.errors import ConfigError
 
 
@@ -312,3 +313,21 @@ def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
 
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     return t / (_flat_norm(t, 2) + 1e-12)
+
+
+def build(
+    name: str, norm: str, eps: float, *, n_iter: int, n_restarts: int, rho: float,
+    common: dict[str, Any], kwargs: dict[str, Any],
+) -> APGD:  # fmt: skip
+    """``apgd-ce``, ``apgd-dlr`` or ``apgd-t`` (an :class:`~advlens.attacks.base.AttackFactory`)."""
+    allowed = {"n_target_classes"} if name == "apgd-t" else set()
+    extra = sorted(set(kwargs) - allowed)
+    if extra:
+        raise ConfigError(
+            f"attack {name!r} does not take {', '.join(extra)}; it takes n_iter, n_restarts, "
+            f"rho, seed, autocast_bf16, channels_last{', n_target_classes' if allowed else ''}"
+        )
+    return APGD(
+        name=name, norm=norm, eps=eps, loss=APGD_LOSSES[name], n_iter=n_iter,
+        n_restarts=n_restarts, rho=float(rho), **common, **kwargs,
+    )  # fmt: skip

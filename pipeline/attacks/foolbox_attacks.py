@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from advlens.attacks import FOOLBOX_PREFIX, Attack
-from advlens.errors import ConfigError
+from advlens._optional import has, require
+from advlens.attacks.base import FOOLBOX_PREFIX, Attack
+from advlens.errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
 _P_TO_NORM = {float("inf"): "linf", 2.0: "l2", 1.0: "l1"}
@@ -32,8 +33,6 @@ _P_TO_NORM = {float("inf"): "linf", 2.0: "l2", 1.0: "l1"}
 
 def import_foolbox() -> ModuleType:
     """Import foolbox, silencing the DeprecationWarning its import triggers (scipy.ndimage)."""
-    from advlens._optional import require
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return require("foolbox", "foolbox attacks")
@@ -42,8 +41,6 @@ def import_foolbox() -> ModuleType:
 @cache
 def foolbox_attack_names() -> tuple[str, ...]:
     """Names of foolbox's concrete attack classes (empty when foolbox is not installed)."""
-    from advlens._optional import has
-
     if not has("eagerpy"):
         return ()
     try:
@@ -109,8 +106,6 @@ def _instantiate(class_name: str, norm: str, kwargs: dict[str, Any]) -> Any:
     cls = getattr(fb.attacks, class_name, None)
     names = foolbox_attack_names()
     if class_name not in names or cls is None:
-        from advlens.errors import closest
-
         raise ConfigError(
             f"unknown foolbox attack {FOOLBOX_PREFIX + class_name!r}; "
             f"{closest(class_name, names)} (use foolbox:<ClassName>)"
@@ -155,3 +150,17 @@ def make_foolbox_attack(
     return FoolboxAttack(
         name=name, norm=norm, eps=eps, class_name=class_name, kwargs=kwargs, **common
     )
+
+
+def prefixed_names() -> list[str]:
+    """``foolbox:<ClassName>`` for every foolbox attack class (the registry's listing)."""
+    return [FOOLBOX_PREFIX + n for n in foolbox_attack_names()]
+
+
+def build(
+    name: str, norm: str, eps: float, *, n_iter: int, n_restarts: int, rho: float,
+    common: dict[str, Any], kwargs: dict[str, Any],
+) -> FoolboxAttack:  # fmt: skip
+    """``foolbox:<ClassName>`` (an :class:`~advlens.attacks.base.AttackFactory`); APGD's
+    ``n_restarts`` and ``rho`` do not apply."""
+    return make_foolbox_attack(name, norm, eps, n_iter=n_iter, common=common, kwargs=kwargs)

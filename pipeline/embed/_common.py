@@ -17,6 +17,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import trustworthiness as sk_trust
+from sklearn.neighbors import NearestNeighbors
 
 from advlens.errors import ConfigError
 
@@ -48,7 +51,6 @@ def initial_positions(x: np.ndarray, params) -> np.ndarray:
     rng = np.random.RandomState(params.seed)
     if params.init == "random":
         return INIT_STD * rng.standard_normal((n, 2))
-    from sklearn.decomposition import PCA
 
     # Same recipe as openTSNE.initialization.pca: PCA (sign fixed by svd_flip), rescale so that
     # PC1 has std 1e-4, then jitter with 1% of that std so no two points coincide exactly.
@@ -83,7 +85,6 @@ def knn_graph(
     -------
     idx : (n, k) int64; dist : (n, k) Euclidean distances.
     """
-    from sklearn.neighbors import NearestNeighbors
 
     x = np.asarray(x)
     n = x.shape[0]
@@ -127,7 +128,6 @@ def _sample(n: int, size: int | None, seed: int) -> np.ndarray:
 
 def _neighbours_of(points: np.ndarray, where: np.ndarray, data: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k nearest rows of ``data`` to ``data[where]``, the point itself excluded."""
-    from sklearn.neighbors import NearestNeighbors
 
     nn = NearestNeighbors(n_neighbors=k + 1).fit(data)
     _, idx = nn.kneighbors(points)
@@ -177,7 +177,6 @@ def trustworthiness(
     The statistic is computed within the sample (neighbours and ranks among sampled points),
     which keeps it O(sample^2) at any N.
     """
-    from sklearn.manifold import trustworthiness as sk_trust
 
     n = np.asarray(x).shape[0]
     where = _sample(n, sample, seed)

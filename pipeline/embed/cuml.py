@@ -41,20 +41,19 @@ import warnings
 
 import numpy as np
 
+from advlens._optional import has, require
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 
 NAME = "cuml"
 log = logging.getLogger(__name__)
 
 
 def available() -> bool:
-    from advlens._optional import has
-
     if not has("cuml"):
         return False
     try:
-        import cupy
-
+        cupy = require("cupy", "the cuml t-SNE engine")
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # no driver or no device: cuML cannot run
         return False
@@ -115,10 +114,7 @@ def _construct(cls, kwargs: dict, n_iter: int):
             return cls(**kwargs, **{second: n_iter})
 
 
-def embed(x: np.ndarray, params, *, knn=None):
-    from advlens._optional import require
-    from advlens.embed import Embedding
-
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     manifold = require("cuml.manifold", "the cuml t-SNE engine (cuml-cu12 or cuml-cu13)")
     t0 = time.perf_counter()
     n = x.shape[0]
@@ -142,8 +138,7 @@ def embed(x: np.ndarray, params, *, knn=None):
         square_distances=True,
         output_type="numpy",
     )
-    import cuml
-
+    cuml = require("cuml", "the cuml t-SNE engine (cuml-cu12 or cuml-cu13)")
     # From 26.08 a point is its own first neighbour, so k real neighbours are k + 1 columns,
     # for cuML's own search as for a precomputed graph.
     self_first = _version(cuml) >= SELF_COLUMN_SINCE

@@ -25,24 +25,21 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from openTSNE import TSNEEmbedding, affinity, nearest_neighbors
 
+from advlens._optional import has, require
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 
 NAME = "opentsne"
 
 
 def available() -> bool:
-    from advlens._optional import has
-
     return has("openTSNE")
 
 
-def embed(x: np.ndarray, params, *, knn=None):
-    from advlens._optional import require
-    from advlens.embed import Embedding
-
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     require("openTSNE", "the opentsne t-SNE engine")
-    from openTSNE import TSNEEmbedding, affinity, nearest_neighbors
 
     t0 = time.perf_counter()
     n = x.shape[0]

@@ -30,8 +30,13 @@ import logging
 import time
 
 import numpy as np
+import scipy.sparse as sp
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
+from advlens._optional import has
 from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
 from advlens.errors import ConfigError
 
 NAME = "sklearn"
@@ -40,14 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def available() -> bool:
-    from advlens._optional import has
-
     return has("sklearn.manifold")
 
 
 def _tsne_class(ee_iter: int):
-    from sklearn.manifold import TSNE
-
     fixed = getattr(TSNE, "_EXPLORATION_MAX_ITER", None)
     if ee_iter == (fixed if fixed is not None else 250):
         return TSNE
@@ -60,19 +61,13 @@ def _tsne_class(ee_iter: int):
 
 
 def _precomputed(idx: np.ndarray, dist: np.ndarray):
-    import scipy.sparse as sp
-
     n, k = idx.shape
     cols = np.concatenate([np.arange(n)[:, None], idx], axis=1).ravel()
     vals = np.concatenate([np.zeros((n, 1)), dist.astype(np.float64)], axis=1).ravel()
     return sp.csr_matrix((vals, cols, np.arange(0, n * (k + 1) + 1, k + 1)), shape=(n, n))
 
 
-def embed(x: np.ndarray, params, *, knn=None):
-    from threadpoolctl import threadpool_limits
-
-    from advlens.embed import Embedding
-
+def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> Embedding:
     if params.n_iter < MIN_ITER:
         raise ConfigError(
             f"engine sklearn: embed.n_iter = {params.n_iter}; scikit-learn needs at least "

@@ -23,6 +23,12 @@ import logging
 import time
 
 import numpy as np
+import torch
+
+from advlens._optional import has
+from advlens.embed import _common
+from advlens.embed.base import Embedding, KnnGraph, TSNEParams
+from advlens.kernels import tsne as T
 
 NAME = "torch"
 log = logging.getLogger(__name__)
@@ -30,24 +36,24 @@ log = logging.getLogger(__name__)
 
 def available() -> bool:
     """True when PyTorch imports (the engine also runs on the CPU)."""
-    from advlens._optional import has
 
     return has("torch")
 
 
 def default_device() -> str:
     """``cuda`` when torch sees a GPU, else ``cpu``."""
-    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def embed(x: np.ndarray, params, *, knn=None, device: str | None = None):
+def embed(
+    x: np.ndarray,
+    params: TSNEParams,
+    *,
+    knn: KnnGraph | None = None,
+    device: str | None = None,
+) -> Embedding:
     """Embed ``x`` (n, d) with ``params``; ``knn`` an optional (idx, dist) graph."""
-    import torch
-
-    from advlens.embed import Embedding, _common
-    from advlens.kernels import tsne as T
 
     dev = torch.device(device or default_device())
     threads = torch.get_num_threads()

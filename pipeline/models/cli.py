@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 
-# Input shape and class count per dataset; models default to the dataset they were made for.
-SHAPES = {
-    "fashion-mnist": ((1, 28, 28), 10),
-    "synthetic": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
+from advlens.config import ModelConfig
+from advlens.data import dataset_shape
+from advlens.models import build_model
+from advlens.models.taps import catalog, select_layers
+
+# Models default to the dataset they were made for.
 MODEL_DATASET = {"wrn": "cifar10", "denser": "cifar10"}
 
 
@@ -44,10 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from advlens.config import ModelConfig
-    from advlens.models import build_model
-    from advlens.models.taps import catalog, select_layers
-
     dataset = args.dataset or MODEL_DATASET.get(args.model.split("-")[0], "fashion-mnist")
     in_shape, n_classes = dataset_shape(dataset, args.data_path)
     kwargs = {"name": args.model, "checkpoint": args.checkpoint, "device": "cpu"}
@@ -71,15 +67,3 @@ def main(args: argparse.Namespace) -> int:
         alias = f"  = {i.alias_of} (the same tensor, stored once)" if shown else ""
         print(f"{mark} {i.name:<{width}}  {str(i.shape):<16} {i.dim(args.pool):>8}{alias}")
     return 0
-
-
-def dataset_shape(
-    dataset: str, data_path: str | None, split: str = "test"
-) -> tuple[tuple[int, ...], int]:
-    """Image shape (C, H, W) and class count of ``dataset``; a folder dataset is read."""
-    if dataset in SHAPES:
-        return SHAPES[dataset]
-    from advlens.data import load_dataset
-
-    ds = load_dataset(dataset, split, data_path)
-    return ds.shape, len(ds.classes)

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advlens._optional import require
+from advlens.data import load_dataset
 from advlens.errors import ConfigError
-from advlens.models import register
 
 SUPPORTED = (
     "InputLayer",
@@ -482,7 +483,6 @@ def load_denser(
     A malformed file (architecture not JSON, weights missing or of the wrong shape) raises
     ConfigError naming the file and the layer.
     """
-    from advlens._optional import require
 
     h5py = require("h5py", "DENSER models")
     path = Path(path)
@@ -648,13 +648,11 @@ def _resolve_mean(mean, path: Path, stored, chw: tuple[int, int, int]) -> np.nda
 
 def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
     """Per-pixel mean (H, W, C) of the [0, 1]-scaled training split, as DENSER computes it."""
-    from advlens.data import load_dataset
 
     train = load_dataset(dataset, "train", data_path)
     return train.images.mean(axis=0, dtype=np.float64).astype(np.float32).transpose(1, 2, 0)
 
 
-@register("denser")
 def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
     """The DENSER network in ``cfg.checkpoint`` (a Keras .h5/.hdf5 file)."""
     if not cfg.checkpoint:

@@ -17,8 +17,9 @@ import sys
 import torch
 from torch import nn
 
+from advlens._optional import require
 from advlens.errors import ConfigError
-from advlens.models import load_checkpoint
+from advlens.models.base import load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,8 +84,6 @@ def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) 
 
 
 def _hub(lib: str, name: str, n_classes: int) -> nn.Module:
-    from advlens._optional import require
-
     mod = require(lib, f"model.name = '{lib}:{name}'")
     if lib == "torchvision":
         try:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advlens.errors import ConfigError
-from advlens.models import WRN_NAME, load_checkpoint, register
+from advlens.models.base import WRN_NAME, load_checkpoint
 
 
 class BasicBlock(nn.Module):
@@ -106,7 +106,6 @@ class WideResNet(nn.Module):
         return self.fc(out.view(-1, self.nChannels))
 
 
-@register("wrn-28-10")
 def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
     """A WideResNet named ``wrn-<depth>-<width>`` loading ``cfg.checkpoint`` (required)."""
     m = WRN_NAME.match(cfg.name)

@@ -18,13 +18,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 
 from advlens.errors import ConfigError, closest
+from advlens.report import figures as F
+from advlens.report.figures import slug
 from advlens.report.tables import METRICS, aggregate, read_metrics, write_csv
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,6 @@ def _names(run_dirs: Sequence[Path]) -> list[str]:
 
 def _shade(color: str, t: float) -> tuple[float, float, float]:
     """Blend ``color`` towards white (t < 0) or black (t > 0)."""
-    from matplotlib.colors import to_rgb
 
     rgb = np.array(to_rgb(color))
     target = np.zeros(3) if t > 0 else np.ones(3)
@@ -54,7 +58,6 @@ def compare(
     Layers are matched by name; a warning is logged for every setting (N, k, eps) in which
     the runs differ, since their curves are then not measured on equal terms.
     """
-    from advlens.report import figures as F
 
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r} is not a metric; {closest(metric, METRICS)}")
@@ -159,9 +162,6 @@ def _map_band(s, agg: Sequence[dict], layers: Sequence[str], metric: str) -> Non
 
 def _depth_plot(series, out: Path, *, ylabel: str, ylim) -> Path:
     """Lines against relative depth, for runs whose layers differ (different models)."""
-    from matplotlib.figure import Figure
-
-    from advlens.report import figures as F
 
     with F._rc():
         fig = Figure(figsize=(F.COLUMN_IN, 2.6), dpi=F.DPI, layout="constrained")
@@ -185,7 +185,6 @@ def _depth_plot(series, out: Path, *, ylabel: str, ylim) -> Path:
 
 def default_out(run_dirs: Sequence[str | Path]) -> Path:
     """``<parent of the first run>/compare-<a>-vs-<b>...`` (shortened)."""
-    from advlens.report.figures import slug
 
     paths = [Path(p) for p in run_dirs]
     label = "-vs-".join(slug(n) for n in _names(paths))
@@ -216,7 +215,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_table(csv_path: Path, metric: str) -> None:
     """Per run x attack x norm: the metric at the first and last layer and its lowest layer."""
-    import csv
 
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))

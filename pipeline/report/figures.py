@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -301,8 +302,6 @@ def class_names(n: int, classes: Sequence[str] | None = None) -> list[str]:
 
 
 def _class_colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -371,7 +370,6 @@ def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
 
     ``sweeps`` maps (attack, norm) -> {layer: {k: overlap}}.
     """
-    from matplotlib import colormaps
 
     keys = sorted(sweeps)
     ks = sorted({k for per in sweeps.values() for d in per.values() for k in d})
@@ -428,8 +426,6 @@ def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None)
 
 # ---------------------------------------------------------------- helpers
 def _rc():
-    from matplotlib import rc_context
-
     return rc_context(RC)
 
 
@@ -456,8 +452,6 @@ def _sweep_axes(n: int, width: float = COLUMN_IN):
 
 
 def _layer_lines(ax, rows: Sequence[dict], x_key: str, xlabel: str) -> None:
-    from matplotlib import colormaps
-
     cmap = colormaps["viridis"]
     for i, d in enumerate(rows):
         xs, ys = [0.0, *d[x_key]], [1.0, *d["calibrated"]]

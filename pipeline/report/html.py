@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from advlens.report import interactive as ia
+from advlens.report.render import make_figures
+from advlens.report.summary import _classes, detector_summary, summary
 from advlens.report.tables import (
     ARTEFACT_GAP,
     aggregate,
@@ -315,8 +318,6 @@ def provenance_html(prov: dict) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Build ``run_dir/report.html`` from metrics.json, provenance.json, the task maps, the
     activation stores (hover details, thumbnails) and figures/*.png."""
-    from advlens.report import _classes, detector_summary, summary
-    from advlens.report import interactive as ia
 
     run_dir = Path(run_dir)
     rows, layers = read_metrics(run_dir)
@@ -435,8 +436,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from advlens.report import make_figures, summary
-
     run_dir = Path(args.run_dir)
     rows, layers = read_metrics(run_dir)
     prov = read_provenance(run_dir)

@@ -16,6 +16,7 @@ are inlined (``bokeh.resources.INLINE``): the page needs no network.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import logging
 import math
@@ -23,8 +24,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from bokeh import models as bm
+from bokeh.embed import components
+from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.plotting import figure
+from bokeh.resources import Resources
+from PIL import Image
+from sklearn.neighbors import NearestNeighbors
 
+from advlens._optional import has
+from advlens.report.figures import NORM_LABELS, norm_color, short
 from advlens.report.tables import TaskMap
+from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
 CLEAN, PERTURBED, OVERLAPPING = "#0072B2", "#D55E00", "#BBBBBB"  # Okabe-Ito blue, vermillion
@@ -79,15 +90,12 @@ for (let i = 0; i < renderers.length; i++) {
 
 
 def bokeh_available() -> bool:
-    from advlens._optional import has
-
     return has("bokeh")
 
 
 def resources() -> str:
     """The inline BokehJS the report needs (core, WebGL, widgets; 1.8 MB): script tags holding
     the library itself, no URLs. ``bokeh.resources.INLINE`` would add MathJax and tables."""
-    from bokeh.resources import Resources
 
     return Resources(mode="inline", components=["bokeh", "bokeh-gl", "bokeh-widgets"]).render()
 
@@ -112,7 +120,6 @@ def _input_shape(prov: dict, width: int) -> tuple[int, ...] | None:
 
 def _png(img: np.ndarray) -> str:
     """A data URI of a (H, W) or (H, W, 3) image with values in [0, 1]."""
-    from PIL import Image
 
     a = np.clip(np.nan_to_num(img) * 255 + 0.5, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -140,7 +147,6 @@ def load_samples(run_dir: Path, maps: Sequence[TaskMap], prov: dict) -> dict[str
     path = _store_path(run_dir, maps)
     if not path.is_dir():
         return out
-    from advlens.store import ActivationStore
 
     try:
         store = ActivationStore.open(path)
@@ -162,7 +168,6 @@ def load_samples(run_dir: Path, maps: Sequence[TaskMap], prov: dict) -> dict[str
 def majority_neighbour_class(m: TaskMap, k: int) -> np.ndarray:
     """For every point of the map: the most common true label among its ``k`` nearest clean
     points (itself excluded), ties to the lower label."""
-    from sklearn.neighbors import NearestNeighbors
 
     n = len(m.xy) // 2
     k = max(1, min(k, n - 1))
@@ -178,7 +183,6 @@ def majority_neighbour_class(m: TaskMap, k: int) -> np.ndarray:
 
 def build_source(maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None):
     """The one ColumnDataSource every layer's figure of one (attack, norm) draws from."""
-    from bokeh.models import ColumnDataSource
 
     n = len(maps[0].xy) // 2
     label = np.asarray(samples["label"], dtype=np.int64)
@@ -225,8 +229,6 @@ def map_panel(maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | N
 
     Returns (controls, panel, figures) as Bokeh models of one document.
     """
-    from bokeh import models as bm
-    from bokeh.plotting import figure
 
     src, names = build_source(maps, samples, classes)
     palette = [CLASS_COLORS[c % len(CLASS_COLORS)] for c in range(len(names))]
@@ -294,10 +296,6 @@ def curve_figure(agg: Sequence[dict], layers: Sequence[str], *, metric: str = "o
     """Overlap per layer per (attack, norm) with its interval as a band, k and N in the title:
     a one-map interval is the bootstrap over points, a repeated map's the bootstrap of the mean
     over repeats."""
-    from bokeh.models import ColumnDataSource, HoverTool
-    from bokeh.plotting import figure
-
-    from advlens.report.figures import NORM_LABELS, norm_color
 
     index = {name: i for i, name in enumerate(layers)}
     ks = sorted({a["k"] for a in agg if a.get("k") is not None})
@@ -367,8 +365,6 @@ def _interval(a: dict, metric: str) -> tuple[float | None, float | None]:
 
 
 def _short(name: str) -> str:
-    from advlens.report.figures import short
-
     return short(name)
 
 
@@ -384,9 +380,6 @@ def sections(
     """HTML snippets for the report: ``head`` (inline BokehJS), ``curve`` and ``maps`` (the
     divs) and ``script`` (the one document's data and views). All models share one document,
     so a selection in one layer's map shows in every other."""
-    from bokeh.embed import components
-
-    from advlens.report.figures import NORM_LABELS
 
     models: dict[str, object] = {}
     if agg:
@@ -439,6 +432,4 @@ def sections(
 
 
 def _esc(v) -> str:
-    import html
-
     return html.escape(str(v), quote=True)

@@ -15,14 +15,25 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from advlens._io import atomic_write
+from advlens._io import WRITTEN, atomic_write, written
 from advlens.errors import StoreError
+from advlens.overlap import overlap_sweep
+
+# The task-file contract lives with the compute side (advlens.results); re-exported here.
+from advlens.results import (  # noqa: F401
+    ARTEFACT_GAP,
+    ROW_SCHEMA,
+    UNIT_KEYS,
+    TaskMap,
+    check_row,
+    read_task_map,
+    read_task_row,
+)
 
 log = logging.getLogger(__name__)
 ROW_KEYS = (
@@ -35,22 +46,6 @@ METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc", "calibrated",
 GROUP_KEYS = ("attack", "norm", "layer")
 REPEAT_KEYS = ("engine", "seed", "perplexity")
 PLURAL = {"engine": "engines", "seed": "seeds", "perplexity": "perplexities"}
-# A finished task's row: key -> accepted types (None where a value may be missing).
-ROW_SCHEMA: dict[str, tuple[type, ...]] = {
-    "task_id": (str,), "attack": (str,), "norm": (str,), "layer": (str,), "engine": (str,),
-    "layer_index": (int,), "seed": (int,), "k": (int,), "n": (int,),
-    "eps": (int, float), "perplexity": (int, float),
-    "success_rate": (int, float), "overlap": (int, float), "mixing": (int, float),
-    "pair": (int, float), "value": (int, float),
-    "overlap_reduced": (int, float, type(None)), "auc": (int, float, type(None)),
-    "ci_low": (int, float, type(None)), "ci_high": (int, float, type(None)),
-    "k_sweep": (dict,), "per_class": (dict,),
-}  # fmt: skip
-UNIT_KEYS = ("success_rate", "overlap", "mixing", "pair", "value", "overlap_reduced", "auc")
-# |calibrated overlap on the map - on the 50-D points| above this: flag. Measured on the default
-# model (benchmarks/metric_vs_n.py, every layer, N = 250..2,000, subset draws): the map sits
-# 0 to 0.06 below the 50-D value, standard deviation <= 0.052; 0.15 ~ worst mean + 2 sd.
-ARTEFACT_GAP = 0.15
 N_BOOT = 2000
 MIN_PERCENTILE_REPEATS = 10  # fewer repeats: a percentile interval would be [min, max] in disguise
 
@@ -153,61 +148,6 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     return rows, list(layers or layer_order(rows))
 
 
-def check_row(row: Any) -> None:
-    """Raise ``ValueError`` saying what is wrong when ``row`` is not a finished task's row."""
-    if not isinstance(row, dict):
-        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
-    if row.get("error") is not None:
-        raise ValueError(f"it records a failed task ({str(row['error'])[:80]})")
-    missing = [k for k in ROW_SCHEMA if k not in row]
-    if missing:
-        raise ValueError(f"keys {missing} are missing")
-    for key, types in ROW_SCHEMA.items():
-        v = row[key]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise ValueError(f"{key} = {v!r} is not of type {'/'.join(t.__name__ for t in types)}")
-    for key in UNIT_KEYS:
-        v = row[key]
-        if v is not None and not 0.0 <= v <= 1.0:  # NaN fails too
-            raise ValueError(f"{key} = {v!r} lies outside [0, 1]")
-    if row["n"] < 1:
-        raise ValueError(f"n = {row['n']!r} must be >= 1")
-
-
-def read_task_row(path: str | Path) -> dict:
-    """A task's row (``tasks/<id>.json``), checked; :class:`StoreError` names a damaged file."""
-    path = Path(path)
-    try:
-        row = json.loads(path.read_text())
-        check_row(row)
-        if row["task_id"] != path.stem:
-            raise ValueError(f"it belongs to task {row['task_id']!r}")
-    except FileNotFoundError:
-        raise StoreError(f"task row {path} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise StoreError(f"task row {path} is damaged: {exc}") from None
-    return row
-
-
-def read_task_map(path: str | Path, row: dict) -> TaskMap:
-    """The map (``tasks/<id>.npz``) of ``row``, checked; :class:`StoreError` names a damaged
-    or missing file."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh, np.load(fh) as z:  # our handle: closed when np.load fails
-            return TaskMap(
-                row,
-                np.asarray(z["xy"], dtype=float),
-                np.asarray(z["is_perturbed"], dtype=bool),
-                np.asarray(z["labels"]),
-                np.asarray(z["per_point"], dtype=float),
-            )
-    except FileNotFoundError:
-        raise StoreError(f"task map {path} is missing") from None
-    except Exception as exc:  # truncated zip, missing member, wrong shapes, ...
-        raise StoreError(f"task map {path} is damaged ({type(exc).__name__}: {exc})") from None
-
-
 def read_provenance(run_dir: str | Path) -> dict:
     """``provenance.json`` of a run; {} with a warning naming the file when missing or damaged."""
     path = Path(run_dir) / "provenance.json"
@@ -227,7 +167,6 @@ def read_provenance(run_dir: str | Path) -> dict:
 def own_figures(run_dir: str | Path, pattern: str) -> list[Path]:
     """``figures/<pattern>`` files advlens wrote (all matches in a run without a record), so
     that a user's PNG named like an advlens figure never reaches the report."""
-    from advlens._io import WRITTEN, written
 
     run_dir = Path(run_dir)
     found = sorted((run_dir / "figures").glob(pattern))
@@ -333,32 +272,6 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
 
 
 # ---------------------------------------------------------------- per-task maps
-@dataclass(frozen=True)
-class TaskMap:
-    """One layer task's 2-D map (``tasks/<id>.npz``) and its metrics row."""
-
-    row: dict
-    xy: np.ndarray
-    is_perturbed: np.ndarray
-    labels: np.ndarray
-    per_point: np.ndarray
-
-    def __post_init__(self) -> None:
-        n = self.xy.shape[0]
-        if self.xy.shape != (n, 2) or any(
-            a.shape != (n,) for a in (self.is_perturbed, self.labels, self.per_point)
-        ):
-            raise StoreError(f"task map for layer {self.row.get('layer')!r}: inconsistent shapes")
-        rows = self.row.get("n")
-        if isinstance(rows, int) and (n != 2 * rows or int(self.is_perturbed.sum()) != rows):
-            raise StoreError(
-                f"task map for layer {self.row.get('layer')!r} holds {n} points, its row says "
-                f"{rows} clean + {rows} perturbed"
-            )
-        if not np.isfinite(self.xy).all():
-            raise StoreError(f"task map for layer {self.row.get('layer')!r}: non-finite points")
-
-
 def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str], list[TaskMap]]:
     """The primary repeat's map of every layer, per (attack, norm), in layer order.
 
@@ -392,7 +305,6 @@ def load_maps(run_dir: str | Path, rows: Iterable[dict]) -> dict[tuple[str, str]
 
 def knn_overlap_sweep(xy: np.ndarray, is_perturbed: np.ndarray, ks: Sequence[int]) -> dict:
     """``overlap`` at each k, from one kNN pass (:func:`advlens.overlap.overlap_sweep`)."""
-    from advlens.overlap import overlap_sweep
 
     ks = [k for k in ks if 0 < k < len(xy)]
     if not ks:
