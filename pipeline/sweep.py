@@ -221,8 +221,10 @@ def _plot_vs_n(out: dict[str, Any], path: Path) -> None:
                 continue
             ns = [n for n, _ in cells]
             vals = [c[0] for _, c in cells]
-            low = [c[0] - (c[1] if c[1] is not None else c[0]) for _, c in cells]
-            high = [(c[2] if c[2] is not None else c[0]) - c[0] for _, c in cells]
+            # The half-sample interval is centred on its draws, so at a bound (calibrated 1)
+            # it may lie beside the value: bars reach the interval's ends, never below zero.
+            low = [max(0.0, c[0] - (c[1] if c[1] is not None else c[0])) for _, c in cells]
+            high = [max(0.0, (c[2] if c[2] is not None else c[0]) - c[0]) for _, c in cells]
             ax.errorbar(ns, vals, yerr=[low, high], fmt="o-", capsize=3, ms=4,
                         color=cmap(j / max(1, len(slots) - 1)), label=key.split(" | ")[1])  # fmt: skip
         norm = group.rsplit("-", 1)[-1]
