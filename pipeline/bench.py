@@ -51,7 +51,7 @@ from advlens.embed import (
 )
 from advlens.errors import ConfigError, DataError, closest
 from advlens.overlap import overlap
-from advlens.reduce import reduce
+from advlens.reduce import reduce, reduce_store
 from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def load_points(spec: str, seed: int = 0, n: int = 20_000) -> tuple[np.ndarray, 
             raise ConfigError(f"--data {spec!r}: expected store:PATH:LAYER")
         store = _open_store(path)
         _check_layer(store, layer, "--data")
-        return reduce(store.joint(layer), 50, seed=seed), f"store {path}, layer {layer}, PCA to 50"
+        x = reduce_store(store, layer, 50, seed=seed).scores
+        return x, f"store {path}, layer {layer}, PCA to 50"
     raise ConfigError(
         f"--data {spec!r}: {closest(spec, ['fashion-mnist', 'synthetic', 'store:PATH:LAYER'])}"
     )
@@ -359,7 +360,7 @@ def _bench_overlap(path, layer, engines, params, baseline) -> dict[str, Any]:
     store = _open_store(path)
     layer = layer or store.layers[-1]
     _check_layer(store, layer, "--overlap-layer")
-    x = reduce(store.joint(layer), 50, seed=params.seed)
+    x = reduce_store(store, layer, 50, seed=params.seed).scores
     is_perturbed = np.repeat([False, True], store.n)
     graph = knn_graph(x, perplexity=params.perplexity, n_jobs=params.n_jobs)
     values: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import tomllib
 import types
@@ -301,8 +302,15 @@ class EmbedConfig:
         "task", (), spread=True, doc="repeats over seed; empty: (seed,)"
     )
     n_jobs: int = setting("task", -1, doc="CPU threads (-1: all, resolved once per run)")
+    memory_budget: int | str = setting(
+        "none",
+        "auto",
+        doc="memory for the PCA's row blocks: bytes or e.g. 256MB; auto: 1/4 of the available "
+        "memory, at most 512 MiB (the result does not depend on it)",
+    )
 
     def __post_init__(self) -> None:
+        memory_bytes(self.memory_budget)  # checked at load, resolved in the task
         if not (math.isfinite(self.perplexity) and self.perplexity > 0):
             raise ConfigError(f"embed.perplexity = {self.perplexity}: must be a finite number > 0")
         for perp in self.perplexities:
@@ -324,6 +332,44 @@ class EmbedConfig:
     @property
     def perplexity_list(self) -> tuple[float, ...]:
         return self.perplexities or (self.perplexity,)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}  # fmt: skip
+AUTO_BUDGET_FRACTION = 4  # auto: 1 / 4 of the available memory ...
+AUTO_BUDGET_MAX = 512 * 2**20  # ... at most 512 MiB: larger blocks do not make the PCA faster
+MIN_BUDGET = 2**20
+
+
+def memory_bytes(value: int | str, available: int | None = None) -> int:
+    """``embed.memory_budget`` in bytes: an integer, a size such as ``"256MB"`` or ``"1GiB"``,
+    or ``"auto"`` (a quarter of the available memory, at most :data:`AUTO_BUDGET_MAX`;
+    ``available`` defaults to this machine's)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if available is None:
+            available = available_memory()
+        return max(MIN_BUDGET, min(AUTO_BUDGET_MAX, available // AUTO_BUDGET_FRACTION))
+    got = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", str(value).lower())
+    if isinstance(value, bool) or not isinstance(value, int | str) or got is None:
+        raise ConfigError(
+            f"embed.memory_budget = {value!r}: give bytes (e.g. 268435456), a size such as "
+            '"256MB" or "1GiB", or "auto"'
+        )
+    size = int(float(got.group(1)) * _UNITS[got.group(2) or ""])
+    if size < MIN_BUDGET:
+        raise ConfigError(f"embed.memory_budget = {value!r}: must be at least 1 MiB")
+    return size
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work (Linux MemAvailable), else the physical total."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

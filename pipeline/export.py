@@ -27,7 +27,7 @@ from PIL import Image
 
 from advlens._io import atomic_write
 from advlens.errors import ConfigError, closest
-from advlens.reduce import reduce
+from advlens.reduce import reduce_store
 from advlens.report.tables import load_maps, read_metrics
 from advlens.store import ActivationStore
 
@@ -85,7 +85,8 @@ def export_projector(
             seed = int(m.row.get("seed") or 0)
             meta = f"{stem}-metadata.tsv"  # per layer: which points overlap differs by layer
             _write_metadata(out_dir / meta, samples, classes, m.per_point)
-            pts = reduce(store.joint(layer), pca_dims, seed=seed, device="cpu")
+            # The task's own PCA: streamed from the store, as advlens.layer_task does.
+            pts = reduce_store(store, layer, pca_dims, seed=seed, device="cpu").scores
             for suffix, arr, what in ((".bytes", pts, f"PCA {pts.shape[1]}"),
                                       ("-tsne.bytes", m.xy, "t-SNE map")):  # fmt: skip
                 arr = np.ascontiguousarray(arr, dtype="<f4")

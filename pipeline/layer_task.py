@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from advlens._io import record, write_json, write_npz
-from advlens.config import EmbedConfig, OverlapConfig, shaping
+from advlens.config import EmbedConfig, OverlapConfig, memory_bytes, shaping
 from advlens.embed import TSNEParams, embed, max_perplexity
 from advlens.errors import StoreError
 from advlens.kernels.metrics import VARIANTS
@@ -31,7 +31,7 @@ from advlens.overlap import (
     resolve_k,
     subsample_interval,
 )
-from advlens.reduce import reduce
+from advlens.reduce import reduce_store
 from advlens.results import ARTEFACT_GAP, read_task_map, read_task_row
 from advlens.store import ActivationStore
 
@@ -121,7 +121,11 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     labels = np.concatenate([samples["label"], samples["label"]])
 
     t0 = time.perf_counter()
-    x = reduce(store.joint(task.layer), task.embed.pca_dims, seed=task.seed, device=task.device)
+    # Streamed from the store in blocks: the task never holds the (2N x D) matrix.
+    budget = memory_bytes(task.embed.memory_budget)
+    pca = reduce_store(store, task.layer, task.embed.pca_dims, seed=task.seed,
+                       device=task.device, budget=budget)  # fmt: skip
+    x = pca.scores
     t1 = time.perf_counter()
 
     params = TSNEParams.from_config(task.embed, seed=task.seed, perplexity=task.perplexity)
@@ -180,6 +184,8 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "k_sweep": {f"{v}@{q}": o.value for (v, q), o in sweep.items()},
         "per_class": {str(c): v for c, v in base.per_class.items()},
         "seconds_reduce": t1 - t0,
+        "reduce_method": f"{pca.method} ({pca.passes} passes)",
+        "memory_budget": budget,  # bytes, resolved (the result does not depend on it)
         "seconds_embed": t2 - t1,
         "seconds_overlap": t3 - t2,
         "engine_seconds": emb.seconds,

@@ -14,7 +14,7 @@ TINY = [
 ]  # fmt: skip
 # Fields that record where and how long a task ran (the task id names the run folder).
 RUN_FIELDS = {"seconds_reduce", "seconds_embed", "seconds_overlap", "engine_seconds",
-              "seconds_task", "worker", "task_id"}  # fmt: skip
+              "seconds_task", "worker", "task_id", "memory_budget"}  # fmt: skip
 
 
 def _rows(run_dir):

@@ -1,11 +1,10 @@
 """reduce: PCA against scikit-learn's exact PCA as the oracle."""
 
-import dask.array as da
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from advlens.reduce import reduce
+from advlens.reduce import pca_blocks, reduce
 
 
 def _low_rank(n=300, d=120, rank=8, seed=0):
@@ -31,11 +30,13 @@ def test_numpy_matches_sklearn_full_pca():
     _same_subspace(out, ref, 5)
 
 
-@pytest.mark.parametrize("chunks", [(64, 120), (300, 40)])
-def test_dask_streaming_matches_numpy(chunks):
+@pytest.mark.parametrize("rows", [64, 300])
+@pytest.mark.parametrize("exact_max_d", [4096, 50])
+def test_streamed_blocks_match_numpy(rows, exact_max_d):
     x = _low_rank()
     ref = PCA(n_components=6, svd_solver="full").fit_transform(x)
-    out = reduce(da.from_array(x, chunks=chunks), 6)
+    blocks = lambda: ((r0, x[r0 : r0 + rows]) for r0 in range(0, 300, rows))  # noqa: E731
+    out = pca_blocks(blocks, 300, 120, 6, exact_max_d=exact_max_d, device="cpu").scores
     assert out.shape == (300, 6)
     _same_subspace(out, ref, 6)
 
