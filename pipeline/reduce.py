@@ -120,17 +120,18 @@ def reduce_store(store, layer: str, n_components: int = 50, *, seed: int = 0,
                  exact_max_d: int = EXACT_COV_MAX_D) -> StreamedPCA:  # fmt: skip
     """Streamed PCA of ``layer``'s joint matrix, read from an activation store in row blocks.
 
-    Half of ``budget`` (bytes; None: ``embed.memory_budget = "auto"``) bounds one float32 block; the next block is read while the
+    Half of ``budget`` (bytes; None: ``embed.memory_budget = "auto"``) bounds one block; the next block is read while the
     current one is reduced, so the blocks take at most ``budget``. The working set beside
     them is a few (d x (n_components + OVERSAMPLE)) matrices and two inner chunks
     (:data:`CHUNK_VALUES`). The result does not depend on ``budget``, bit for bit.
     """
     if budget is None:
         budget = memory_bytes("auto")
-    rows = store.block_rows(layer, max(1, budget // 2))
+    # Blocks in the store's dtype (float16: half the bytes); torch widens each inner chunk.
+    rows = store.block_rows(layer, max(1, budget // 2), dtype=store.dtype)
 
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
-        return _prefetch(store.joint_rows(layer, rows))
+        return _prefetch(store.joint_rows(layer, rows, dtype=store.dtype))
 
     return pca_blocks(blocks, 2 * store.n, store.widths[layer], n_components, seed=seed,
                       device=device, exact_max_d=exact_max_d)  # fmt: skip
@@ -144,7 +145,7 @@ def pca_blocks(blocks: Blocks, n: int, d: int, n_components: int, *, seed: int =
     ----------
     blocks : callable
         Called once per pass; returns ``(row0, block)`` pairs covering rows 0..n in order
-        (blocks of any sizes, float32 or castable).
+        (blocks of any sizes; float16 and float32 stay as they are until each inner chunk).
     n, d : int
         Shape of the matrix.
     n_components : int
@@ -186,12 +187,15 @@ class _Passes:
             if row0 != seen:
                 raise ValueError(f"block at row {row0}, expected row {seen}")
             seen += len(block)
-            t = torch.as_tensor(np.asarray(block, dtype=np.float32)).to(self.dev)
+            block = np.asarray(block)
+            if block.dtype not in (np.float16, np.float32):
+                block = block.astype(np.float32)
+            t = torch.from_numpy(block).to(self.dev)  # one block on the device at a time
             while len(t):
                 take = t[: self.crows - have]
                 t = t[len(take) :]
                 if not pending and len(take) == self.crows:
-                    chunk = take.clone()  # fresh memory: sums never depend on alignment
+                    chunk = take
                 else:
                     pending.append(take)
                     have += len(take)
@@ -200,12 +204,13 @@ class _Passes:
                         pending[-1] = take.clone()
                         continue
                     chunk, pending, have = torch.cat(pending), [], 0
-                yield row, chunk
+                # float32 in fresh memory: sums never depend on where a block began
+                yield row, chunk.to(torch.float32, copy=True)
                 row += self.crows
         if seen != self.n:
             raise ValueError(f"the blocks hold {seen} rows, expected {self.n}")
         if pending:
-            yield row, torch.cat(pending)
+            yield row, torch.cat(pending).to(torch.float32, copy=True)
 
 
 def _centred(run: _Passes, n: int, d: int) -> StreamedPCA:

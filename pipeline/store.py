@@ -383,34 +383,36 @@ class ActivationStore:
             meta=np.empty((0, 0), dtype=self.dtype),
         )
 
-    def block_rows(self, layer: str, budget_bytes: int) -> int:
-        """Rows per :meth:`joint_rows` block that fit ``budget_bytes`` as float32, aligned to
+    def block_rows(self, layer: str, budget_bytes: int, dtype: str = "float32") -> int:
+        """Rows per :meth:`joint_rows` block that fit ``budget_bytes`` as ``dtype``, aligned to
         the store's shards (whole write batches) or, below one shard, to its chunks; at least
         one chunk."""
         self._check_layer(layer)
         width = self.widths[layer]
-        rows = max(1, int(budget_bytes) // (4 * width))
+        rows = max(1, int(budget_bytes) // (np.dtype(dtype).itemsize * width))
         if rows >= self.batch_size:
             return rows - rows % self.batch_size
         chunk = chunk_rows(self.batch_size, width * np.dtype(self.dtype).itemsize)
         return max(chunk, rows - rows % chunk)
 
-    def joint_rows(self, layer: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def joint_rows(self, layer: str, rows: int,
+                   dtype: str = "float32") -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
         """Yield ``(row0, block)`` of the (2N, D) joint matrix (clean rows then perturbed
-        rows, twin of i is i + N) as float32 blocks of at most ``rows`` rows, never straddling
-        the clean/perturbed boundary; memory: one block (:meth:`block_rows` sizes it)."""
+        rows, twin of i is i + N) in blocks of at most ``rows`` rows as ``dtype`` (float32, or
+        the store's own dtype), never straddling the clean/perturbed boundary; memory: one
+        block (:meth:`block_rows` sizes it)."""
         if rows < 1:
             raise ValueError(f"rows = {rows}: a block holds at least one row")
         self._check_layer(layer)
         width = self.widths[layer]
-        # Fill the float32 block one store chunk at a time: no second, float16, copy.
+        # Fill the block one store chunk at a time: no second copy in the store's dtype.
         step = chunk_rows(self.batch_size, width * np.dtype(self.dtype).itemsize)
         for k, which in enumerate(WHICH):
             name = self._layer_array(layer, which)
             self._check_chunks(name)
             for r0 in range(0, self.n, rows):
                 r1 = min(self.n, r0 + rows)
-                block = np.empty((r1 - r0, width), dtype=np.float32)
+                block = np.empty((r1 - r0, width), dtype=dtype)
                 a = r0
                 while a < r1:
                     b = min(r1, a - a % step + step)  # up to the next chunk boundary
