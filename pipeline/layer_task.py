@@ -131,7 +131,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     ov = task.overlap
     k = resolve_k(ov.k, n)
     ks = tuple(sorted(set(ov.k_sweep) | {k}))
-    ks = tuple(q for q in ks if q < 2 * n)
+    ks = tuple(q for q in ks if q < 2 * n - 1)  # share leaves the twin out: k <= 2N - 2
     # One neighbour search serves every variant and k; the interval only for the reported one.
     sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
     main = sweep[(ov.variant, k)]
@@ -159,6 +159,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "overlap": sweep[("overlap", k)].value,
         "mixing": sweep[("mixing", k)].value,
         "pair": sweep[("pair", k)].value,
+        "share": sweep[("share", k)].value,
         **{f"{v}_chance": sweep[(v, k)].chance for v in VARIANTS},
         **{f"{v}_calibrated": sweep[(v, k)].calibrated for v in VARIANTS},
         "value": main.value,

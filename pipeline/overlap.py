@@ -29,6 +29,7 @@ from advlens.kernels import knn, knn2d
 from advlens.kernels._arrays import check_k, check_points, is_cupy, is_torch, to_numpy
 from advlens.kernels.knn import place
 from advlens.kernels.metrics import (
+    TWIN_FREE,
     VARIANTS,
     auto_k,
     bootstrap_ci,
@@ -107,7 +108,8 @@ def overlap(
     xy : (n, 2) points (numpy, cupy or torch), clean and perturbed together.
     is_perturbed : (n,) bool (or 0/1).
     k : neighbours per point, ``1 <= k <= n - 1``, or "auto" (:func:`resolve_k`).
-    variant : "overlap", "mixing" or "pair" ("pair" needs the sample-order convention).
+    variant : "overlap", "mixing", "pair" or "share" ("pair" and "share" need the sample-order
+        convention).
     labels : true label per point (n,) or per sample (n/2,); gives ``per_class``.
     bootstrap : resamples for a 95% interval (samples drawn with their twins; 0: none).
     seed : seed of the bootstrap.
@@ -243,7 +245,7 @@ def subsample_interval(
         raise ConfigError(f"subsample_interval needs N >= 4 samples and draws >= 1 (N = {n})")
     full = overlap_sweep(pts, np.repeat([False, True], n), ks=(k,), variants=(variant,),
                          device=device)[(variant, k)]  # fmt: skip
-    km = max(1, min(int(k * m / n + 0.5), 2 * m - 1))
+    km = max(1, min(int(k * m / n + 0.5), 2 * m - 1 - (variant in TWIN_FREE)))
     rng = np.random.default_rng(seed)
     vals = np.empty(draws)
     sub_flags = np.repeat([False, True], m)
@@ -345,14 +347,21 @@ def _score(arr, is_perturbed, ks, variants, labels, bootstrap, seed, device, sea
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError(f"overlap variant {v!r} is unknown; {closest(str(v), VARIANTS)}")
-    if "pair" in variants:
-        _require_pairs(flags, "the 'pair' variant")
+    for v in ("pair", *TWIN_FREE):
+        if v in variants:
+            _require_pairs(flags, f"the {v!r} variant")
+    extra = int(any(v in TWIN_FREE for v in variants))  # one more neighbour: the twin left out
+    if extra and max(ks) > n - 2:
+        raise ConfigError(
+            f"k = {max(ks)}: the 'share' variant leaves out the point and its twin, so it has "
+            f"{n - 2} other points (n = {n}); use k <= {n - 2}"
+        )
     if bootstrap < 0:
         raise ConfigError(f"bootstrap = {bootstrap}: must be >= 0 (0 turns it off)")
     if bootstrap:
         _require_pairs(flags, "the bootstrap interval")
     lab = _labels(labels, flags)
-    idx, xp = _on_device(search(place(arr, device, what), max(ks))[0])
+    idx, xp = _on_device(search(place(arr, device, what), max(ks) + extra)[0])
     other = other_set(idx, xp.asarray(flags), xp)
     out = {}
     for v in variants:
