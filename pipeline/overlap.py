@@ -46,6 +46,7 @@ __all__ = [
     "detector_folds",
     "overlap",
     "overlap_highdim",
+    "overlap_highdim_sweep",
     "overlap_sweep",
     "resolve_k",
     "subsample_interval",
@@ -156,10 +157,24 @@ def overlap_highdim(
 
     Compared with the map's value it flags t-SNE artefacts. Arguments as in :func:`overlap`.
     """
-    pts = _points(x, None)
-    k = resolve_k(k, int(pts.shape[0]) // 2)
-    out = _score(pts, is_perturbed, (k,), (variant,), labels, 0, 0, device, knn, "knn")
+    k = resolve_k(k, int(np.shape(x)[0]) // 2)
+    out = overlap_highdim_sweep(x, is_perturbed, ks=(k,), variants=(variant,), labels=labels,
+                                device=device)  # fmt: skip
     return out[(variant, k)]
+
+
+def overlap_highdim_sweep(
+    x: Any,
+    is_perturbed: Any,
+    *,
+    ks: Sequence[int] = (5, 10, 20, 50),
+    variants: Sequence[str] = VARIANTS,
+    labels: Any = None,
+    device: str = "auto",
+) -> dict[tuple[str, int], Overlap]:
+    """:func:`overlap_sweep` on (n, d) points: every (variant, k) from one exact search."""
+    pts = _points(x, None)
+    return _score(pts, is_perturbed, ks, variants, labels, 0, 0, device, knn, "knn")
 
 
 def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0, folds: int = 5) -> float:
