@@ -214,3 +214,37 @@ def test_grouped_folds_never_split_a_twin_pair(n, folds, seed) -> None:
     assert [t.tolist() for _, t in detector_folds(n, folds, seed)] == [
         t.tolist() for _, t in splits
     ]
+
+
+@SETTINGS
+@given(
+    n=st.integers(4, 60), d=st.sampled_from([2, 5]), grid=st.booleans(), seed=st.integers(0, 999)
+)
+def test_subset_neighbours_equal_a_new_search(n, d, grid, seed) -> None:
+    from advlens.kernels import knn, knn2d
+    from advlens.overlap import _subset_neighbours
+
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(size=(n, d))
+    x = np.concatenate([clean, clean + 0.3 * rng.normal(size=(n, d))])
+    if grid:  # many exact distance ties: the index order decides
+        x = np.round(x * 2) / 2
+    search = knn2d if d == 2 else knn
+    m = n // 2
+    q = int(rng.integers(1, 2 * m))
+    pick = np.sort(rng.choice(n, m, replace=False))
+    want = search(x[np.concatenate([pick, pick + n])], q)[0]
+    np.testing.assert_array_equal(_subset_neighbours(search(x, 2 * n - 1)[0], pick, n, q), want)
+    # a table too narrow for some subset point is refused, not read short
+    assert _subset_neighbours(search(x, 1)[0], pick, n, 2) is None
+
+
+def test_subsample_interval_on_reduced_points() -> None:
+    rng = np.random.default_rng(4)
+    n = 300
+    clean = rng.normal(size=(n, 10))
+    x = np.concatenate([clean, clean + 0.8 * rng.normal(size=(n, 10))])
+    full = overlap_highdim(x, flags(n), k=6, variant="share")
+    both = subsample_interval(x, k=6, variant="share", draws=100, seed=0)
+    lo, hi = both["calibrated"]
+    assert lo <= full.calibrated <= hi and 0 < hi - lo < 0.3
