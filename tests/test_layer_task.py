@@ -98,7 +98,13 @@ def test_row_fields_in_range_and_consistent(rows):
         for v in ("overlap", "mixing", "pair", "share"):
             assert row[f"{v}_chance"] == pytest.approx(chance(v, N, row["k"]))
             assert row[f"{v}_calibrated"] == pytest.approx(min(1, row[v] / row[f"{v}_chance"]))
-        gap = row["overlap_calibrated"] - row["overlap_reduced_calibrated"]
+        v = row["variant"]
+        assert row["map_calibrated"] == row[f"{v}_calibrated"]
+        assert row["reduced_calibrated"] == row[f"{v}_reduced_calibrated"]
+        assert (
+            row["calibrated"] == row[f"{'reduced_' if row['space'] == 'reduced' else ''}calibrated"]
+        )
+        gap = row["map_calibrated"] - row["reduced_calibrated"]
         assert row["artefact_gap"] == pytest.approx(gap)
         assert row["artefact_flag"] == (abs(gap) > ARTEFACT_GAP)
         assert row["n"] == N and row["error"] is None
