@@ -54,23 +54,20 @@ def default_columns() -> tuple[str, str, str]:
 def build_store(norm: str, n: int, root: str):
     """The 2,000-sample store of the default model (attacked once, then read from cache)."""
     from advlens.config import load
-    from advlens.models.taps import catalog, select_layers
-    from advlens.run import _attack_and_extract, _model_and_data, _pick_samples, _width
+    from advlens.models import fingerprint
+    from advlens.run import _attack_and_extract, _layer_plan, _model_and_data, _pick_samples
     from advlens.store import ActivationStore
 
     cfg = load(None, [f"data.n={n}", f'attack.norms=["{norm}"]', f'output.root="{root}"',
                       'output.name="bench-metric-vs-n"'])  # fmt: skip
     model, data, device = _model_and_data(cfg)
-    cat = catalog(model, tuple(data.images.shape[1:]))
-    layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
-    widths = {info.name: _width(info.shape, cfg.layers.pool) for info in cat}
-    samples = _pick_samples(cfg, model, data, device)
+    layers, _, widths, aliases = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
+    samples, _ = _pick_samples(cfg, model, data, device)
     name = cfg.attack.attack_names[0]
     eps = cfg.attack.eps_for(norm, data.name)
-    path = _attack_and_extract(
-        cfg, model, samples, name, norm, eps, layers, {k: widths[k] for k in layers}, device, False
-    )
-    return cfg, ActivationStore.open(path), layers, eps
+    path = _attack_and_extract(cfg, model, samples, name, norm, eps, layers, widths, device,
+                               False, fingerprint(cfg.model, model), aliases)  # fmt: skip
+    return cfg, ActivationStore.open(path), [x for x in layers if x not in aliases], eps
 
 
 def score(x50: np.ndarray, xy: np.ndarray, n: int) -> dict[str, float]:
