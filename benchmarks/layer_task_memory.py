@@ -36,6 +36,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 WRN_BLOCK1 = 163_840  # 160 channels x 32 x 32
 RANK = 32
+ROW_FIELDS = ("n", "value", "calibrated", "auc", "overlap_reduced", "seconds_reduce",
+              "seconds_embed", "seconds_overlap", "reduce_method", "memory_budget")  # fmt: skip
 
 
 def build(path: Path, n: int, d: int, batch: int, seed: int = 0) -> float:
@@ -92,9 +94,7 @@ def child(store: str, run_dir: str, n_iter: int, bootstrap: int, budget: str) ->
     return {
         "seconds": time.perf_counter() - t0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **{k: row[k] for k in ("n", "value", "calibrated", "auc", "overlap_reduced",
-                               "seconds_reduce", "seconds_embed", "seconds_overlap",
-                               "reduce_method", "memory_budget")},  # fmt: skip
+        **{k: row[k] for k in ROW_FIELDS},
     }
 
 

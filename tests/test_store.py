@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import threading
 
 import numpy as np
@@ -140,11 +139,11 @@ def test_round_trip_all_readers(tmp_path, dtype):
         joint = ro.joint(layer)
         assert joint.dtype == np.float32
         assert np.array_equal(joint, np.concatenate([clean, pert]).astype(np.float32))
-        lazy = ro.dask_layer(layer, "perturbed")
-        assert lazy.chunks == ((16, 16, 16, 2), (pert.shape[1],))
-        assert np.array_equal(lazy.compute(scheduler="sync"), pert)
-        # Dask workers get the graph pickled: the source reopens the store there.
-        assert np.array_equal(pickle.loads(pickle.dumps(lazy)).compute(scheduler="sync"), pert)
+        # Row blocks of the joint matrix (the streamed PCA's source), in the store's dtype too.
+        streamed = list(ro.joint_rows(layer, 16, dtype=dtype))
+        assert [r0 for r0, _ in streamed] == [0, 16, 32, 48, 50, 66, 82, 98]
+        assert all(b.dtype == np.dtype(dtype) for _, b in streamed)
+        assert np.array_equal(np.concatenate([b for _, b in streamed]), joint)
         blocks = list(ro.iter_layer(layer, "clean"))
         assert [r0 for r0, _ in blocks] == [0, 16, 32, 48]
         assert np.array_equal(np.concatenate([b for _, b in blocks]), clean)
@@ -387,7 +386,7 @@ def test_missing_chunk_names_the_array(tmp_path):
     for read in (
         lambda: ro.read_layer("conv1", "perturbed"),
         lambda: ro.joint("conv1"),
-        lambda: ro.dask_layer("conv1", "perturbed"),
+        lambda: list(ro.joint_rows("conv1", 16)),
     ):
         with pytest.raises(
             StoreError, match=r"layers/conv1/perturbed .* rows 32:48 .*c/2/0 is missing"
@@ -411,7 +410,7 @@ def test_garbled_chunk_names_the_array(tmp_path, where):
     with pytest.raises(StoreError, match=r"array layers/input/clean .* rows 16:32 .*damaged"):
         ro.read_layer("input", "clean")
     with pytest.raises(StoreError, match="array layers/input/clean"):
-        ro.dask_layer("input", "clean").compute(scheduler="sync")
+        list(ro.joint_rows("input", 16))
     assert np.array_equal(ro.read_layer("input", "perturbed"), acts["input"][1])
 
 
@@ -493,22 +492,3 @@ def test_damaged_progress_flag_counts_as_not_written(tmp_path, caplog):
     again = ActivationStore.open(store.path)
     assert again.is_complete() and again.check() == []
     assert np.array_equal(again.joint("input")[50:], acts["input"][1].astype(np.float32))
-
-
-# ----------------------------------------------------------------------------- embeddings
-def test_embeddings_round_trip(tmp_path):
-    store, samples, acts = _make(tmp_path, n=20, batch_size=10)
-    _fill(store, samples, acts)
-    ro = ActivationStore.open(store.path)  # analysis tasks add maps to a finished store
-    xy = np.random.default_rng(1).standard_normal((40, 2)).astype(np.float32)
-    ro.write_embedding("conv1", "opentsne-0", xy, attrs={"perplexity": 30.0})
-    ro.write_embedding("conv1", "opentsne-0", xy + 1)  # same key: replaced
-    ro.write_embedding("conv1", "sklearn-1", xy)
-    assert np.array_equal(ro.read_embedding("conv1", "opentsne-0"), xy + 1)
-    assert ro.embedding_keys("conv1") == ["opentsne-0", "sklearn-1"]
-    with pytest.raises(StoreError, match="opentsne-0"):
-        ro.read_embedding("conv1", "opentsne-1")
-    with pytest.raises(ValueError, match=r"\(40, 2\)"):
-        ro.write_embedding("conv1", "x", xy[:10])
-    with pytest.raises(StoreError, match="closest valid names"):
-        ro.write_embedding("conv9", "x", xy)
