@@ -3,7 +3,7 @@
 Builds one store per N (N = 1,000, 4,000 and 16,000 by default) with a single layer of
 D = 163,840 values (the shape of WRN-28-10's ``block1``), float16, batches of 250, then runs
 the real :func:`advlens.layer_task.run_layer_task` on it in a fresh child process and records
-that process's peak resident memory (``ru_maxrss``). The PCA streams the layer from the store
+that process's peak resident memory (``VmHWM``; ``ru_maxrss`` would include the parent's). The PCA streams the layer from the store
 in blocks sized by ``embed.memory_budget`` (default ``auto``), so the peak should not grow
 with N. Targets: largest / smallest peak <= 1.5, every peak < 2 GB.
 
@@ -79,6 +79,18 @@ def build(path: Path, n: int, d: int, batch: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec. (Linux
+    keeps ``ru_maxrss`` across exec, so a child would report its parent's peak at fork.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(store: str, run_dir: str, n_iter: int, bootstrap: int, budget: str) -> dict:
     """Run one layer task on ``store``; return its row's essentials and this process's peak."""
     from advlens.config import EmbedConfig, OverlapConfig
@@ -95,7 +107,7 @@ def child(store: str, run_dir: str, n_iter: int, bootstrap: int, budget: str) ->
     row = run_layer_task(task)
     return {
         "seconds": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         **{k: row[k] for k in ROW_FIELDS},
     }
 
@@ -111,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch", type=Path, default=Path("/work/scratch-bench"))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", nargs=2, metavar=("STORE", "RUN_DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--build", nargs=2, metavar=("STORE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.build:
+        print(build(Path(args.build[0]), int(args.build[1]), args.d, args.batch), flush=True)
+        return 0
     if args.child:
         out = child(*args.child, args.n_iter, args.bootstrap, args.budget)
         print("RESULT " + json.dumps(out), flush=True)
@@ -130,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir()
         try:
             path = work / "store.zarr"
-            seconds_build = build(path, n, args.d, args.batch)
+            # Built in a child as well: the parent stays small (it measures nothing itself).
+            cmd = [sys.executable, __file__, "--build", str(path), str(n), "--d", str(args.d),
+                   "--batch", str(args.batch)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"building the store for N = {n} failed")
+            seconds_build = float(proc.stdout.split()[-1])
             disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             cmd = [sys.executable, __file__, "--child", str(path), str(work / "run"),
                    "--n-iter", str(args.n_iter), "--bootstrap", str(args.bootstrap),
