@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from advlens.config import ADVERSARIAL, AdvRecipe
-from advlens.data import load_dataset
+from advlens.data import Dataset, load_dataset
 from advlens.errors import ConfigError
 from advlens.models.small_cnn import (
     TRAINABLE,
@@ -69,7 +69,13 @@ __all__ = [
 MIN_ACCURACY = {"fashion-mnist": 0.88}
 
 
-def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: AdvRecipe,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Madry et al.'s PGD: random start, signed-gradient ascent steps, projection to the eps ball
     and to [0, 1]. Uses (and so advances) torch's global RNG, seeded by the caller."""
     eps, alpha = recipe.eps, 2.5 * recipe.eps / recipe.steps
@@ -83,8 +89,8 @@ def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
 
 
 def train_small_cnn(
-    ds_train,
-    ds_test=None,
+    ds_train: Dataset,
+    ds_test: Dataset | None = None,
     *,
     epochs: int = 4,
     seed: int = 0,
@@ -93,7 +99,7 @@ def train_small_cnn(
     lr: float = 2e-3,
     progress: bool = False,
     adversarial: AdvRecipe | None = None,
-):
+) -> tuple[SmallCNN, float]:
     """Train :class:`~advlens.models.small_cnn.SmallCNN` with Adam and a one-cycle schedule;
     on PGD adversarial examples of each batch with ``adversarial`` (:func:`pgd_linf`).
 
@@ -139,7 +145,9 @@ def train_small_cnn(
     return model, acc
 
 
-def evaluate(model, ds, *, batch_size: int = 1000, device: str = "cpu") -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 1000, device: str = "cpu"
+) -> float:
     """Top-1 accuracy of ``model`` on dataset ``ds``."""
     correct = 0
     with torch.no_grad():
