@@ -231,13 +231,14 @@ def _exact(run: _Passes, n: int, d: int, q: int) -> StreamedPCA:
     f64 = torch.float64
     cov = torch.zeros((d, d), dtype=f64, device=run.dev)
     total = torch.zeros(d, dtype=f64, device=run.dev)
-    shift = None
+    shift: torch.Tensor | None = None
     for _, c in run():
         if shift is None:
             shift = c.mean(0, dtype=f64)
         c64 = c.to(f64) - shift
         total += c64.sum(0)
         cov.addmm_(c64.T, c64)
+    assert shift is not None  # n >= 1: at least one chunk
     m = total / n
     cov -= n * torch.outer(m, m)
     cov /= max(n - 1, 1)
@@ -266,7 +267,8 @@ def _randomized(run: _Passes, n: int, d: int, q: int, seed: int) -> StreamedPCA:
     lcols = min(q + OVERSAMPLE, d, n)
     omega = np.random.default_rng(seed).standard_normal((d, lcols), dtype=np.float32)
     basis = torch.from_numpy(omega).to(dev)
-    shift = mean = None
+    shift: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
     for it in range(POWER_ITERATIONS):
         z = torch.zeros((d, lcols), dtype=torch.float32, device=dev)
         total = torch.zeros(d, dtype=f64, device=dev)
@@ -279,6 +281,7 @@ def _randomized(run: _Passes, n: int, d: int, q: int, seed: int) -> StreamedPCA:
             z.addmm_(a.T, a @ basis)
         zc = z.to(f64)
         if it == 0:
+            assert shift is not None  # n >= 1: at least one chunk
             m = total / n
             zc -= n * torch.outer(m, m @ basis.to(f64))
             mean = (shift.to(f64) + m).float()
