@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 from openTSNE import TSNE
 
-from advlens._env import cpu_name, versions
+from advlens._env import cpu_name, device_name, has_cuda, versions
 from advlens._io import atomic_write, write_json
 from advlens._optional import MissingDependency, has
 from advlens.data import load_dataset
@@ -388,9 +387,7 @@ def environment() -> dict[str, Any]:
     libs = versions("advlens", "numpy", "scipy", "scikit-learn", "openTSNE", "torch",
                     "threadpoolctl", "cuml-cu12", "cuml-cu13", "cupy-cuda12x", "cupy-cuda13x")  # fmt: skip
     cpu = cpu_name()
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
+    gpu = device_name("cuda:0") if has_cuda() else None
     return {
         "device": f"GPU {gpu} + CPU {cpu}" if gpu else f"CPU {cpu}",
         "cpu_model": cpu,

@@ -6,21 +6,15 @@ import os
 
 import pytest
 
+from advlens._env import has_cuda
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP threads spin by default; on a busy 2-core machine that slows t-SNE many times over.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _has_gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
+    if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

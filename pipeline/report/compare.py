@@ -27,9 +27,9 @@ import numpy as np
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
+from advlens._io import slug
 from advlens.errors import ConfigError, closest
 from advlens.report import figures as F
-from advlens.report.figures import slug
 from advlens.report.tables import METRICS, aggregate, read_metrics, write_csv
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ rotated layer names whose size and stride keep them readable for 40+ layers.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from advlens._io import atomic_write
 from advlens.report.tables import ARTEFACT_GAP, TaskMap
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#ff7f0e", "l1": "#9467bd"}
@@ -46,15 +46,6 @@ RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of an attack, norm or layer name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
 def short(name: str, width: int = 24) -> str:
@@ -429,13 +420,9 @@ def _rc():
     return rc_context(RC)
 
 
-def _save(fig: Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
+def _save(fig: Figure, out: str | Path, **kwargs) -> Path:
+    """Write ``fig`` as PNG to ``out`` atomically (``kwargs`` for ``savefig``, e.g. ``dpi``)."""
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 # ---------------------------------------------------------------- eps sweep
