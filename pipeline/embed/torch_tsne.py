@@ -95,6 +95,7 @@ def embed(
         "device": str(dev),
         "repulsion": method,
         "effective_perplexity": P.perplexity,
+        "kl": float(kl[-1][1]),
     }
     return Embedding(
         xy=xy, seconds=seconds, engine=NAME, params=params.to_dict() | extra,

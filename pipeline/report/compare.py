@@ -180,7 +180,7 @@ def _depth_plot(series, out: Path, *, ylabel: str, ylim) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", lw=0.3, alpha=0.6)
         ax.legend(frameon=False, fontsize=5.5, loc="best")
-        return F._save(fig, out)
+        return F.save(fig, out)
 
 
 def default_out(run_dirs: Sequence[str | Path]) -> Path:

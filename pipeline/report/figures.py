@@ -196,7 +196,7 @@ def plot_series(
             ax.set_title(title)
         if series:
             ax.legend(frameon=False, ncol=1 if len(series) <= 3 else 2, loc="best")
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def layer_curve(agg, layers, out, *, metric: str = "overlap", title: str | None = None) -> Path:
@@ -283,7 +283,7 @@ def maps_figure(maps: Sequence[TaskMap], out, *, title: str | None = None) -> Pa
         fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def class_names(n: int, classes: Sequence[str] | None = None) -> list[str]:
@@ -333,7 +333,7 @@ def label_map(m: TaskMap, out, *, classes: Sequence[str] | None = None, title=No
         _draw_label_map(ax, m, colors)
         _map_axis(ax, title or f"{m.row['layer']} (coloured by true label)")
         _label_legend(fig, names[:n_classes], colors, ncol=4)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Path:
@@ -352,7 +352,7 @@ def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Pa
         _label_legend(fig, names[:n_classes], colors, ncol=min(6, n_classes + 2))
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- sweeps and breakdowns
@@ -382,7 +382,7 @@ def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
             ax.set_title(f"{key[0]} {NORM_LABELS.get(key[1], key[1])}", color=norm_color(key[1]))
             ax.legend(frameon=False, ncol=len(ks), loc="lower left")
         layer_axis(axes[-1], layers, w)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None) -> Path:
@@ -412,7 +412,7 @@ def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None)
                                 color="white" if v < 0.55 else "black")  # fmt: skip
         if im is not None:
             fig.colorbar(im, ax=list(axes), shrink=0.8, label="overlap")
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -420,7 +420,7 @@ def _rc():
     return rc_context(RC)
 
 
-def _save(fig: Figure, out: str | Path, **kwargs) -> Path:
+def save(fig: Figure, out: str | Path, **kwargs) -> Path:
     """Write ``fig`` as PNG to ``out`` atomically (``kwargs`` for ``savefig``, e.g. ``dpi``)."""
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
@@ -467,7 +467,7 @@ def _sweep_figure(layers: Sequence[dict], out, x: str, xlabel: str) -> Path:
         for ax, (g, rows) in zip(axes, groups.items(), strict=False):
             _layer_lines(ax, rows, x, xlabel)
             ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def radius_figure(layers: Sequence[dict], out) -> Path:
@@ -489,4 +489,4 @@ def radius_figure(layers: Sequence[dict], out) -> Path:
             ax.set_xticks(x, [short(d["layer"], 14) for d in rows], rotation=45, ha="right")
         ax.set(ylabel="radius (eps at calibrated overlap 1/2)")
         ax.legend()
-        return _save(fig, out)
+        return save(fig, out)
