@@ -6,11 +6,12 @@ import os
 
 import pytest
 
-from advlens._env import has_cuda
-
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP threads spin by default; on a busy 2-core machine that slows t-SNE many times over.
+# Read when OpenMP first loads, so it is set before advlens (torch) is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from advlens._env import has_cuda  # noqa: E402  (after the environment above)
 
 
 def pytest_collection_modifyitems(config, items):
