@@ -37,50 +37,55 @@ from advlens._env import cpu_name
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (250, 500, 1000, 2000)
 FIXED = "overlap_k10"  # the old default: raw overlap at k = 10
-DEFAULT = "overlap_auto_cal"  # the new default: calibrated, k = "auto"
-DEFAULT_50D = "overlap_50d_auto_cal"
+VARIANTS = ("overlap", "mixing", "share")
+
+
+def default_columns() -> tuple[str, str, str]:
+    """(the config default's column, its map column, its 50-D column): calibrated, k = "auto",
+    in the configured space."""
+    from advlens.config import OverlapConfig
+
+    ov = OverlapConfig()
+    space = getattr(ov, "space", "map")
+    cols = f"{ov.variant}_auto_cal", f"{ov.variant}_50d_auto_cal"
+    return (cols[1] if space == "reduced" else cols[0], *cols)
 
 
 def build_store(norm: str, n: int, root: str):
     """The 2,000-sample store of the default model (attacked once, then read from cache)."""
     from advlens.config import load
-    from advlens.models.taps import catalog, select_layers
-    from advlens.run import _attack_and_extract, _model_and_data, _pick_samples, _width
+    from advlens.models import fingerprint
+    from advlens.run import _attack_and_extract, _layer_plan, _model_and_data, _pick_samples
     from advlens.store import ActivationStore
 
     cfg = load(None, [f"data.n={n}", f'attack.norms=["{norm}"]', f'output.root="{root}"',
                       'output.name="bench-metric-vs-n"'])  # fmt: skip
     model, data, device = _model_and_data(cfg)
-    cat = catalog(model, tuple(data.images.shape[1:]))
-    layers = select_layers(cat, cfg.layers.select, include_input=cfg.layers.include_input)
-    widths = {info.name: _width(info.shape, cfg.layers.pool) for info in cat}
-    samples = _pick_samples(cfg, model, data, device)
+    layers, _, widths, aliases = _layer_plan(cfg, model, tuple(data.images.shape[1:]))
+    samples, _ = _pick_samples(cfg, model, data, device)
     name = cfg.attack.attack_names[0]
     eps = cfg.attack.eps_for(norm, data.name)
-    path = _attack_and_extract(
-        cfg, model, samples, name, norm, eps, layers, {k: widths[k] for k in layers}, device, False
-    )
-    return cfg, ActivationStore.open(path), layers, eps
+    path = _attack_and_extract(cfg, model, samples, name, norm, eps, layers, widths, device,
+                               False, fingerprint(cfg.model, model), aliases)  # fmt: skip
+    return cfg, ActivationStore.open(path), [x for x in layers if x not in aliases], eps
 
 
 def score(x50: np.ndarray, xy: np.ndarray, n: int) -> dict[str, float]:
-    """Raw values at k = 10 and at the auto k, calibrated values at the auto k, on the map and
-    on the 50-D points, for the overlap and mixing variants."""
+    """Per variant (overlap, mixing, share): the raw value at k = 10 and at the auto k and the
+    calibrated ones, on the map and on the 50-D points (``<v>[_50d]_<k10|auto>[_cal]``)."""
     from advlens.kernels.metrics import auto_k
-    from advlens.overlap import overlap_highdim, overlap_sweep
+    from advlens.overlap import overlap_highdim_sweep, overlap_sweep
 
     flags = np.repeat([False, True], n)
     k = auto_k(n)
     ks = tuple(sorted({10, k}))
-    variants = ("overlap", "mixing")
-    sw = overlap_sweep(xy, flags, ks=ks, variants=variants)
     out: dict[str, float] = {"k_auto": k}
-    for v in variants:
-        out[f"{v}_k10"] = sw[(v, 10)].value
-        out[f"{v}_auto"] = sw[(v, k)].value
-        out[f"{v}_auto_cal"] = sw[(v, k)].calibrated
-        out[f"{v}_50d_k10"] = overlap_highdim(x50, flags, k=10, variant=v).value
-        out[f"{v}_50d_auto_cal"] = overlap_highdim(x50, flags, k=k, variant=v).calibrated
+    for space, sweep, pts in (("", overlap_sweep, xy), ("_50d", overlap_highdim_sweep, x50)):
+        sw = sweep(pts, flags, ks=ks, variants=VARIANTS)
+        for v in VARIANTS:
+            for tag, q in (("k10", 10), ("auto", k)):
+                out[f"{v}{space}_{tag}"] = sw[(v, q)].value
+                out[f"{v}{space}_{tag}_cal"] = sw[(v, q)].calibrated
     return out
 
 
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     perms = [rng.permutation(store.n) for _ in range(args.draws)]
     cache = Path(args.root) / "bench-metric-vs-n" / "maps"
+    default, on_map, on_50d = default_columns()
     out_layers = {}
     if args.layers:
         layers = [x for x in layers if x in args.layers.split(",")]
@@ -161,17 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                  for n, rs in per_n.items()}  # fmt: skip
         spread = {m: max(v[m] for v in means.values()) - min(v[m] for v in means.values())
                   for m in means[SIZES[0]] if m != "k_auto"}  # fmt: skip
-        gaps = [r[DEFAULT] - r[DEFAULT_50D] for rs in per_n.values() for r in rs]
-        ok = spread[DEFAULT] <= spread[FIXED] / 3 + 1e-12 and spread[DEFAULT] <= 0.08
+        gaps = [r[on_map] - r[on_50d] for rs in per_n.values() for r in rs]
+        ok = spread[default] <= spread[FIXED] / 3 + 1e-12 and spread[default] <= 0.08
         out_layers[layer] = {"per_n": {str(n): rs for n, rs in per_n.items()},
                              "mean_per_n": {str(n): v for n, v in means.items()},
                              "spread": spread, "artefact_gap_mean": float(np.mean(gaps)),
                              "artefact_gap_sd": float(np.std(gaps, ddof=1)),
                              "meets_target": bool(ok) if layer != "input" else None}  # fmt: skip
-        row = " ".join(f"{means[n][FIXED]:.3f}/{means[n][DEFAULT]:.3f}" for n in SIZES)
-        others = " ".join(f"{m} {spread[m]:.3f}" for m in spread)
+        row = " ".join(f"{means[n][FIXED]:.3f}/{means[n][default]:.3f}" for n in SIZES)
+        others = " ".join(f"{m} {spread[m]:.3f}" for m in spread if m.endswith("_cal"))
         print(f"{layer:>8}: fixed/default per N {row}  spread {spread[FIXED]:.3f} -> "
-              f"{spread[DEFAULT]:.3f} {'ok' if ok else 'MISS'} | {others}", flush=True)  # fmt: skip
+              f"{spread[default]:.3f} {'ok' if ok else 'MISS'} | {others}", flush=True)  # fmt: skip
     deep = [v for k, v in out_layers.items() if k != "input"]
     device = cpu_name()
     doc = {
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             else cfg.embed.perplexity
         ),  # fmt: skip
         "k_rule": "auto: max(1, round(N / 100))",
+        "default": default,
+        "artefact_gap": f"{on_map} - {on_50d}",
         "target": "spread(default) <= spread(raw k=10) / 3 and <= 0.08, every layer but input",
         "meets_target": all(v["meets_target"] for v in deep),
         "seconds_store": t_store,

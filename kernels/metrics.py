@@ -8,13 +8,19 @@ Variants, per point (a point's k neighbours exclude itself):
 - ``overlap``: 1.0 when at least one neighbour belongs to the other set, else 0.0;
 - ``mixing``: (share of other-set neighbours) / 0.5, clipped to 1;
 - ``pair`` (symmetric): 1.0 when the point's own twin (i <-> i + N) is among its neighbours;
-  both twins look, each from its own neighbourhood.
+  both twins look, each from its own neighbourhood;
+- ``share``: the share of other-set points among the point's k nearest neighbours with its own
+  twin left out (k + 1 searched; the first k that are not the twin). Linear in the neighbour
+  labels, so a small k adds variance but no bias, and excluding the twin removes the one
+  neighbour an attack of small budget always leaves next to the point.
 
 Chance levels (:func:`chance`) are the values expected when the clean/perturbed labels of the
 same map are assigned at random (N of each; for ``pair``, a random twin): for a point with k
 neighbours among the 2N - 1 others, of which N carry the other label, the number of other-label
 neighbours is hypergeometric, so ``overlap`` and ``mixing`` have closed forms and ``pair`` is
-k / (2N - 1). :func:`calibrated` divides by it (clipped to [0, 1]; 1 = random mixing).
+k / (2N - 1); ``share`` has exactly (N - 1) / (2N - 2) = 1/2 (its k neighbours come from the
+2N - 2 points other than itself and its twin, N - 1 of them on the other side).
+:func:`calibrated` divides by it (clipped to [0, 1]; 1 = random mixing).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import hypergeom
 
-VARIANTS = ("overlap", "mixing", "pair")
+VARIANTS = ("overlap", "mixing", "pair", "share")
+TWIN_FREE = ("share",)  # variants that search one neighbour more and leave the twin out
 AUTO_K_PER_SAMPLE = (
     0.01  # k = "auto": k = round(0.01 * N) = 0.5 % of the 2N points; N = 1,000 -> 10
 )
@@ -45,11 +52,18 @@ def auto_k(n: int) -> int:
 def chance(variant: str, n: int, k: int, n_perturbed: int | None = None) -> float:
     """Expected value of ``variant`` with k neighbours when the clean/perturbed labels of the map
     are random: ``n`` clean and ``n_perturbed`` (default ``n``) perturbed points (analytic,
-    hypergeometric; ``pair``: k / (2N - 1), the chance that a random other point is among k)."""
+    hypergeometric; ``pair``: k / (2N - 1), the chance that a random other point is among k;
+    ``share``: the other-set share among the points other than itself and its twin, 1/2 for
+    N + N points)."""
     m = n if n_perturbed is None else n_perturbed
     total = n + m
     if variant == "pair":
         return k / (total - 1)
+    if variant == "share":
+        if total < 4:
+            raise ValueError(f"share needs at least 2 samples (4 points), got {total} points")
+        # clean point: m - 1 other-set among total - 2; perturbed point: n - 1 among total - 2
+        return (n * (m - 1) + m * (n - 1)) / (total * (total - 2))
     if variant not in ("overlap", "mixing"):
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
@@ -76,7 +90,8 @@ def other_set(idx: Any, is_perturbed: Any, xp: Any = np) -> Any:
 def per_point(variant: str, idx: Any, other: Any, k: int, xp: Any = np) -> Any:
     """Per-point values (n,) float64 of ``variant`` for the first ``k`` neighbours.
 
-    ``pair`` assumes the sample-order convention (clean 0..N-1, twin of i is i + N).
+    ``pair`` and ``share`` assume the sample-order convention (clean 0..N-1, twin of i is
+    i + N); ``share`` needs ``k + 1`` columns (its k neighbours once the twin is left out).
     """
     if variant == "overlap":
         return other[:, :k].any(axis=1).astype(xp.float64)
@@ -87,6 +102,16 @@ def per_point(variant: str, idx: Any, other: Any, k: int, xp: Any = np) -> Any:
         n = idx.shape[0] // 2
         twin = (xp.arange(2 * n) + n) % (2 * n)  # i <-> i + N
         return (idx[:, :k] == twin[:, None]).any(axis=1).astype(xp.float64)
+    if variant == "share":
+        if idx.shape[1] < k + 1:
+            raise ValueError(
+                f"share at k = {k} needs {k + 1} neighbour columns, got {idx.shape[1]}"
+            )
+        n = idx.shape[0] // 2
+        twin = (xp.arange(2 * n) + n) % (2 * n)
+        not_twin = idx[:, : k + 1] != twin[:, None]
+        keep = not_twin & (xp.cumsum(not_twin, axis=1) <= k)  # the first k that are not the twin
+        return (other[:, : k + 1] & keep).sum(axis=1).astype(xp.float64) / k
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 

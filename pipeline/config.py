@@ -328,6 +328,11 @@ class EmbedConfig:
         return self.perplexities or (self.perplexity,)
 
 
+# advlens.kernels.metrics.VARIANTS (not imported: the config module needs no SciPy)
+OVERLAP_VARIANTS = ("overlap", "mixing", "pair", "share")
+OVERLAP_SPACES = ("reduced", "map")  # the reduced (PCA) points t-SNE embeds, or its 2-D map
+
+
 @dataclass(frozen=True)
 class OverlapConfig:
     """The overlap metric (see docs/design.md): variant and k, plus a k-sweep.
@@ -337,12 +342,17 @@ class OverlapConfig:
     """
 
     k: int | str = setting("task", "auto", doc="neighbours per point: auto (N / 100) or an integer")
-    variant: str = setting("task", "overlap", doc="reported statistic: overlap, mixing or pair")
+    variant: str = setting(
+        "task", "overlap", doc="reported statistic: overlap, mixing, pair or share"
+    )
     k_sweep: tuple[int, ...] = setting("task", (5, 10, 20, 50), doc="k values also reported")
     bootstrap: int = setting(
         "task", 200, doc="half-sample draws of the images for the interval (0: none)"
     )
     detector_seed: int = setting("task", 0, doc="the detector's folds: its own seed, not the map's")
+    space: str = setting(
+        "task", "map", doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.k, str) and self.k != "auto":
@@ -356,9 +366,14 @@ class OverlapConfig:
             raise ConfigError(f"overlap.k_sweep contains {bad[0]}: every k must be at least 1")
         if self.bootstrap < 0:
             raise ConfigError(f"overlap.bootstrap = {self.bootstrap}: must be >= 0 (0: none)")
-        if self.variant not in ("overlap", "mixing", "pair"):
+        if self.space not in OVERLAP_SPACES:
             raise ConfigError(
-                f"overlap.variant = {self.variant!r}: valid variants are overlap, mixing, pair"
+                f"overlap.space = {self.space!r}: valid spaces are " + ", ".join(OVERLAP_SPACES)
+            )
+        if self.variant not in OVERLAP_VARIANTS:
+            raise ConfigError(
+                f"overlap.variant = {self.variant!r}: valid variants are "
+                + ", ".join(OVERLAP_VARIANTS)
             )
 
 

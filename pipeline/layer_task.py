@@ -26,7 +26,7 @@ from advlens.errors import StoreError
 from advlens.kernels.metrics import VARIANTS
 from advlens.overlap import (
     detector_auc,
-    overlap_highdim,
+    overlap_highdim_sweep,
     overlap_sweep,
     resolve_k,
     subsample_interval,
@@ -131,17 +131,19 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     ov = task.overlap
     k = resolve_k(ov.k, n)
     ks = tuple(sorted(set(ov.k_sweep) | {k}))
-    ks = tuple(q for q in ks if q < 2 * n)
-    # One neighbour search serves every variant and k; the interval only for the reported one.
+    ks = tuple(q for q in ks if q < 2 * n - 1)  # share leaves the twin out: k <= 2N - 2
+    # One neighbour search per space serves every variant and k; the interval only for the
+    # reported (variant, space); the other space's value stands beside it (artefact check).
     sweep = overlap_sweep(emb.xy, is_perturbed, ks=ks, labels=labels)
-    main = sweep[(ov.variant, k)]
+    high = overlap_highdim_sweep(x, is_perturbed, ks=(k,), labels=labels)
+    on_map, reduced = sweep[(ov.variant, k)], high[(ov.variant, k)]
+    main = reduced if ov.space == "reduced" else on_map
     ci = cal_ci = None
     if ov.bootstrap and n >= 4:
-        both = subsample_interval(emb.xy, k=k, variant=ov.variant, draws=ov.bootstrap,
-                                  seed=task.seed, device="cpu")  # fmt: skip
+        both = subsample_interval(x if ov.space == "reduced" else emb.xy, k=k, variant=ov.variant,
+                                  draws=ov.bootstrap, seed=task.seed, device="cpu")  # fmt: skip
         ci, cal_ci = both["value"], both["calibrated"]
     base = sweep[("overlap", k)]
-    reduced = overlap_highdim(x, is_perturbed, k=k)
     # The detector trains on 4/5 of the samples; tiny runs need a smaller k than the map.
     folds = min(5, n)
     smallest_train = 2 * (n - math.ceil(n / folds))
@@ -159,12 +161,18 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "overlap": sweep[("overlap", k)].value,
         "mixing": sweep[("mixing", k)].value,
         "pair": sweep[("pair", k)].value,
+        "share": sweep[("share", k)].value,
         **{f"{v}_chance": sweep[(v, k)].chance for v in VARIANTS},
         **{f"{v}_calibrated": sweep[(v, k)].calibrated for v in VARIANTS},
+        **{f"{v}_reduced": high[(v, k)].value for v in VARIANTS},
+        **{f"{v}_reduced_calibrated": high[(v, k)].calibrated for v in VARIANTS},
         "value": main.value,
         "calibrated": main.calibrated,
         "chance": main.chance,
         "variant": ov.variant,
+        "space": ov.space,
+        "map_calibrated": on_map.calibrated,
+        "reduced_calibrated": reduced.calibrated,
         # intervals of the value and the calibrated value: half-samples of the images
         # (overlap.subsample_interval)
         "ci_low": ci[0] if ci else None,
@@ -172,13 +180,12 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         "calibrated_ci_low": cal_ci[0] if cal_ci else None,
         "calibrated_ci_high": cal_ci[1] if cal_ci else None,
         "ci_kind": "half-sample subsampling of images, neighbours recomputed" if ci else None,
-        "overlap_reduced": reduced.value,
-        "overlap_reduced_calibrated": reduced.calibrated,
-        "artefact_gap": base.calibrated - reduced.calibrated,
-        "artefact_flag": bool(abs(base.calibrated - reduced.calibrated) > ARTEFACT_GAP),
+        # the reported statistic on the map minus on the reduced points (results.ARTEFACT_GAP)
+        "artefact_gap": on_map.calibrated - reduced.calibrated,
+        "artefact_flag": bool(abs(on_map.calibrated - reduced.calibrated) > ARTEFACT_GAP),
         "auc": auc,
         "k_sweep": {f"{v}@{q}": o.value for (v, q), o in sweep.items()},
-        "per_class": {str(c): v for c, v in base.per_class.items()},
+        "per_class": {str(c): v for c, v in main.per_class.items()},
         "seconds_reduce": t1 - t0,
         "seconds_embed": t2 - t1,
         "seconds_overlap": t3 - t2,

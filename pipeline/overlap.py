@@ -29,6 +29,7 @@ from advlens.kernels import knn, knn2d
 from advlens.kernels._arrays import check_k, check_points, is_cupy, is_torch, to_numpy
 from advlens.kernels.knn import place
 from advlens.kernels.metrics import (
+    TWIN_FREE,
     VARIANTS,
     auto_k,
     bootstrap_ci,
@@ -45,6 +46,7 @@ __all__ = [
     "detector_folds",
     "overlap",
     "overlap_highdim",
+    "overlap_highdim_sweep",
     "overlap_sweep",
     "resolve_k",
     "subsample_interval",
@@ -107,7 +109,8 @@ def overlap(
     xy : (n, 2) points (numpy, cupy or torch), clean and perturbed together.
     is_perturbed : (n,) bool (or 0/1).
     k : neighbours per point, ``1 <= k <= n - 1``, or "auto" (:func:`resolve_k`).
-    variant : "overlap", "mixing" or "pair" ("pair" needs the sample-order convention).
+    variant : "overlap", "mixing", "pair" or "share" ("pair" and "share" need the sample-order
+        convention).
     labels : true label per point (n,) or per sample (n/2,); gives ``per_class``.
     bootstrap : resamples for a 95% interval (samples drawn with their twins; 0: none).
     seed : seed of the bootstrap.
@@ -154,10 +157,24 @@ def overlap_highdim(
 
     Compared with the map's value it flags t-SNE artefacts. Arguments as in :func:`overlap`.
     """
-    pts = _points(x, None)
-    k = resolve_k(k, int(pts.shape[0]) // 2)
-    out = _score(pts, is_perturbed, (k,), (variant,), labels, 0, 0, device, knn, "knn")
+    k = resolve_k(k, int(np.shape(x)[0]) // 2)
+    out = overlap_highdim_sweep(x, is_perturbed, ks=(k,), variants=(variant,), labels=labels,
+                                device=device)  # fmt: skip
     return out[(variant, k)]
+
+
+def overlap_highdim_sweep(
+    x: Any,
+    is_perturbed: Any,
+    *,
+    ks: Sequence[int] = (5, 10, 20, 50),
+    variants: Sequence[str] = VARIANTS,
+    labels: Any = None,
+    device: str = "auto",
+) -> dict[tuple[str, int], Overlap]:
+    """:func:`overlap_sweep` on (n, d) points: every (variant, k) from one exact search."""
+    pts = _points(x, None)
+    return _score(pts, is_perturbed, ks, variants, labels, 0, 0, device, knn, "knn")
 
 
 def detector_auc(x: Any, is_perturbed: Any, *, k: int = 10, seed: int = 0, folds: int = 5) -> float:
@@ -227,31 +244,43 @@ def subsample_interval(
     value of a subset is scored at a smaller k, so only the ratio is comparable; the raw
     interval is that of the ratio times the full sample's chance level).
 
-    Each draw takes m = N/2 samples without replacement (each with its twin), searches the
-    neighbours among those points of the same map again, with k scaled to the subset
-    (``max(1, round(k m / N))``, the auto rule's proportion) and scores them. For a mean-like
-    statistic the draws spread around their mean with Var(v_m) = (1/m - 1/N) s^2 = Var(v_N) at
-    m = N/2, so the interval is ``v_N - quantiles(v_m - mean(v_m))`` (half-sampling); centred on
-    the draws' own mean, so that a subset scored at its smaller k (whose value may sit apart
-    from the full sample's) does not shift it. It covers which images were attacked; t-SNE's own
-    variability comes from repeat seeds (docs/design.md).
+    ``xy``: the (2N, d) points the value is scored on, the map (d = 2) or the reduced points.
+    Each draw takes m = N/2 samples without replacement (each with its twin), finds the
+    neighbours among those points again, with k scaled to the subset (``max(1, round(k m /
+    N))``, the auto rule's proportion) and scores them. The subset's exact neighbours are read
+    from one wider search of all points (:func:`_subset_neighbours`; a draw it cannot serve is
+    searched again). For a mean-like statistic the draws spread around their mean with
+    Var(v_m) = (1/m - 1/N) s^2 = Var(v_N) at m = N/2, so the interval is
+    ``v_N - quantiles(v_m - mean(v_m))`` (half-sampling); centred on the draws' own mean, so
+    that a subset scored at its smaller k (whose value may sit apart from the full sample's)
+    does not shift it. It covers which images were attacked; t-SNE's own variability comes
+    from repeat seeds (docs/design.md).
     """
-    pts = to_numpy(_points(xy, 2)).astype(np.float64, copy=False)
+    pts = to_numpy(_points(xy, None)).astype(np.float64, copy=False)
+    search, what = (knn2d, "knn2d") if pts.shape[1] == 2 else (knn, "knn")
     n = pts.shape[0] // 2
     m = n // 2
     if m < 2 or draws < 1:
         raise ConfigError(f"subsample_interval needs N >= 4 samples and draws >= 1 (N = {n})")
-    full = overlap_sweep(pts, np.repeat([False, True], n), ks=(k,), variants=(variant,),
-                         device=device)[(variant, k)]  # fmt: skip
-    km = max(1, min(int(k * m / n + 0.5), 2 * m - 1))
+    flags = np.repeat([False, True], n)
+    full = _score(pts, flags, (k,), (variant,), None, 0, 0, device, search, what)[(variant, k)]
+    extra = int(variant in TWIN_FREE)
+    km = max(1, min(int(k * m / n + 0.5), 2 * m - 1 - extra))
+    q = km + extra  # neighbour columns a subset point needs
+    # each other point is in a half-sample with probability 1/2: 2q + 12 sqrt(q) + 20 columns
+    # hold q of them but for a chance far below one in a million per point
+    wide = min(2 * n - 1, 2 * q + int(12 * np.sqrt(q)) + 20)
+    idx = np.asarray(to_numpy(search(place(pts, device, what), wide)[0]))
     rng = np.random.default_rng(seed)
     vals = np.empty(draws)
     sub_flags = np.repeat([False, True], m)
     for d in range(draws):
         pick = np.sort(rng.choice(n, m, replace=False))
-        sub = pts[np.concatenate([pick, pick + n])]
-        o = overlap_sweep(sub, sub_flags, ks=(km,), variants=(variant,), device=device)
-        vals[d] = o[(variant, km)].value / o[(variant, km)].chance
+        table = _subset_neighbours(idx, pick, n, q)
+        if table is None:  # a point with too few subset members among its columns: search
+            table = np.asarray(to_numpy(search(pts[np.concatenate([pick, pick + n])], q)[0]))
+        o = per_point(variant, table, other_set(table, sub_flags), km)
+        vals[d] = float(o.mean()) / chance(variant, m, km)
     tail = (1.0 - level) / 2.0
     ratio = full.value / full.chance
     q_lo, q_hi = np.quantile(vals - vals.mean(), [tail, 1.0 - tail])
@@ -260,6 +289,25 @@ def subsample_interval(
         "value": (float(np.clip(lo * full.chance, 0, 1)), float(np.clip(hi * full.chance, 0, 1))),
         "calibrated": (float(np.clip(lo, 0, 1)), float(np.clip(hi, 0, 1))),
     }
+
+
+def _subset_neighbours(idx: np.ndarray, pick: np.ndarray, n: int, q: int) -> np.ndarray | None:
+    """The exact q-neighbour table of the half-sample ``pick`` (sorted sample indices; points
+    ``pick`` then ``pick + n``, renumbered 0..2m-1) read from the all-points table ``idx``
+    (2n, K), or None when a subset point has fewer than q subset members among its K columns.
+
+    ``idx`` is sorted by (distance, index) and the renumbering keeps the index order, so the
+    first q subset members of a row are the subset's own q nearest, ties by index.
+    """
+    pts = np.concatenate([pick, pick + n])
+    where = np.full(2 * n, -1)
+    where[pts] = np.arange(pts.size)
+    rows = where[idx[pts]]  # (2m, K): subset number of each neighbour, -1 outside
+    inside = rows >= 0
+    if int(inside.sum(axis=1).min()) < q:
+        return None
+    first = np.argsort(~inside, axis=1, kind="stable")[:, :q]  # the first q inside, in order
+    return np.take_along_axis(rows, first, axis=1)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -345,14 +393,21 @@ def _score(arr, is_perturbed, ks, variants, labels, bootstrap, seed, device, sea
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError(f"overlap variant {v!r} is unknown; {closest(str(v), VARIANTS)}")
-    if "pair" in variants:
-        _require_pairs(flags, "the 'pair' variant")
+    for v in ("pair", *TWIN_FREE):
+        if v in variants:
+            _require_pairs(flags, f"the {v!r} variant")
+    extra = int(any(v in TWIN_FREE for v in variants))  # one more neighbour: the twin left out
+    if extra and max(ks) > n - 2:
+        raise ConfigError(
+            f"k = {max(ks)}: the 'share' variant leaves out the point and its twin, so it has "
+            f"{n - 2} other points (n = {n}); use k <= {n - 2}"
+        )
     if bootstrap < 0:
         raise ConfigError(f"bootstrap = {bootstrap}: must be >= 0 (0 turns it off)")
     if bootstrap:
         _require_pairs(flags, "the bootstrap interval")
     lab = _labels(labels, flags)
-    idx, xp = _on_device(search(place(arr, device, what), max(ks))[0])
+    idx, xp = _on_device(search(place(arr, device, what), max(ks) + extra)[0])
     other = other_set(idx, xp.asarray(flags), xp)
     out = {}
     for v in variants:

@@ -12,8 +12,14 @@ from scipy.spatial.distance import cdist
 
 from advlens.config import OverlapConfig, from_dict
 from advlens.errors import ConfigError
-from advlens.kernels.metrics import auto_k, calibrated, chance
-from advlens.overlap import detector_folds, overlap, overlap_sweep, subsample_interval
+from advlens.kernels.metrics import VARIANTS, auto_k, calibrated, chance
+from advlens.overlap import (
+    detector_folds,
+    overlap,
+    overlap_highdim,
+    overlap_sweep,
+    subsample_interval,
+)
 
 SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -36,7 +42,7 @@ def test_chance_matches_simulated_random_labels(n, k) -> None:
     # random labels of the same points: permute the rows (random clean/perturbed and twins)
     x = clusters(2 * n, seed=n + k)
     rng = np.random.default_rng(0)
-    sims = {v: [] for v in ("overlap", "mixing", "pair")}
+    sims = {v: [] for v in VARIANTS}
     for _ in range(300):
         res = overlap_sweep(x[rng.permutation(2 * n)], flags(n), ks=(k,))
         for v in sims:
@@ -54,6 +60,9 @@ def test_chance_closed_forms() -> None:
     n, k = 40, 5
     assert chance("overlap", n, k) == pytest.approx(1 - comb(n - 1, k) / comb(2 * n - 1, k))
     assert chance("pair", n, k) == pytest.approx(k / (2 * n - 1))
+    # share: other-set points among the 2N - 2 that are neither the point nor its twin
+    for n_ in (2, 3, 40, 1001):
+        assert chance("share", n_, 1) == chance("share", n_, 7) == 0.5
     # unequal sets: the weighted mean of the clean and the perturbed points' chance
     got = chance("overlap", 30, 3, 10)
     want = 0.75 * (1 - comb(29, 3) / comb(39, 3)) + 0.25 * (1 - comb(9, 3) / comb(39, 3))
@@ -66,7 +75,7 @@ def test_calibrated_is_one_for_random_labels_and_zero_when_separated() -> None:
     n, k = 200, 5
     x = clusters(2 * n, seed=3)
     rng = np.random.default_rng(1)
-    ratios = {v: [] for v in ("overlap", "mixing", "pair")}
+    ratios = {v: [] for v in VARIANTS}
     for _ in range(200):
         res = overlap_sweep(x[rng.permutation(2 * n)], flags(n), ks=(k,))
         for v in ratios:
@@ -76,7 +85,7 @@ def test_calibrated_is_one_for_random_labels_and_zero_when_separated() -> None:
     # the reported (clipped) score is 1 for well-mixed random labels of overlap
     assert overlap(x[rng.permutation(2 * n)], flags(n), k=k).calibrated > 0.95
     far = np.concatenate([x[:n], x[:n] + 1e3])
-    for v in ("overlap", "mixing"):
+    for v in ("overlap", "mixing", "share"):
         assert overlap(far, flags(n), k=k, variant=v).calibrated == 0.0
     assert calibrated(0.3, 0.6) == 0.5 and calibrated(0.9, 0.6) == 1.0
 
@@ -108,6 +117,38 @@ def test_symmetric_pair_equals_brute_force(n, k_frac, grid, seed) -> None:
     assert res.value == pytest.approx(want.mean())
 
 
+def brute_share(x: np.ndarray, k: int) -> np.ndarray:
+    """share by brute force: full distance matrix, ties by index, the point and its twin out."""
+    two_n = len(x)
+    n = two_n // 2
+    d = cdist(x, x)
+    out = np.empty(two_n)
+    for i in range(two_n):
+        rest = [j for j in np.lexsort((np.arange(two_n), d[i])) if j not in (i, (i + n) % two_n)]
+        out[i] = sum((j >= n) != (i >= n) for j in rest[:k]) / k
+    return out
+
+
+@SETTINGS
+@given(n=st.integers(2, 40), k_frac=st.floats(0, 1), grid=st.booleans(), seed=st.integers(0, 999))
+def test_share_equals_brute_force(n, k_frac, grid, seed) -> None:
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(size=(n, 2))
+    x = np.concatenate([clean, clean + 0.3 * rng.normal(size=(n, 2))])
+    if grid:  # many exact distance ties: the index order decides
+        x = np.round(x * 2) / 2
+    k = 1 + int(k_frac * (2 * n - 3))
+    res = overlap(x, flags(n), k=k, variant="share")
+    want = brute_share(x, k)
+    np.testing.assert_allclose(res.per_point, want, rtol=0, atol=1e-12)
+    assert res.value == pytest.approx(want.mean()) and res.chance == 0.5
+    hd = np.concatenate([clean, clean]) @ rng.normal(size=(2, 5))  # 5-D, the twins coincide
+    np.testing.assert_allclose(
+        overlap_highdim(hd, flags(n), k=k, variant="share").per_point, brute_share(hd, k),
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
+
+
 def test_pair_looks_from_both_twins() -> None:
     # clean point 0 sits in a crowd, its twin 2 is isolated beside it: 2 sees 0, 0 does not see 2
     x = np.array([[0.0, 0.0], [0.1, 0.0], [-1.0, 0.0], [0.2, 0.0]])
@@ -132,6 +173,14 @@ def test_overlap_config_k() -> None:
         from_dict({"overlap": {"k": "sometimes"}})
     with pytest.raises(ConfigError, match="at least 1"):
         OverlapConfig(k=0)
+    from advlens.config import OVERLAP_VARIANTS
+
+    assert OVERLAP_VARIANTS == VARIANTS  # the config accepts exactly the kernels' variants
+    assert from_dict({"overlap": {"variant": "share"}}).overlap.variant == "share"
+    with pytest.raises(
+        ConfigError, match="'shar': valid variants are overlap, mixing, pair, share"
+    ):
+        from_dict({"overlap": {"variant": "shar"}})
 
 
 def test_subsample_interval_matches_sampling_spread() -> None:
@@ -165,3 +214,37 @@ def test_grouped_folds_never_split_a_twin_pair(n, folds, seed) -> None:
     assert [t.tolist() for _, t in detector_folds(n, folds, seed)] == [
         t.tolist() for _, t in splits
     ]
+
+
+@SETTINGS
+@given(
+    n=st.integers(4, 60), d=st.sampled_from([2, 5]), grid=st.booleans(), seed=st.integers(0, 999)
+)
+def test_subset_neighbours_equal_a_new_search(n, d, grid, seed) -> None:
+    from advlens.kernels import knn, knn2d
+    from advlens.overlap import _subset_neighbours
+
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(size=(n, d))
+    x = np.concatenate([clean, clean + 0.3 * rng.normal(size=(n, d))])
+    if grid:  # many exact distance ties: the index order decides
+        x = np.round(x * 2) / 2
+    search = knn2d if d == 2 else knn
+    m = n // 2
+    q = int(rng.integers(1, 2 * m))
+    pick = np.sort(rng.choice(n, m, replace=False))
+    want = search(x[np.concatenate([pick, pick + n])], q)[0]
+    np.testing.assert_array_equal(_subset_neighbours(search(x, 2 * n - 1)[0], pick, n, q), want)
+    # a table too narrow for some subset point is refused, not read short
+    assert _subset_neighbours(search(x, 1)[0], pick, n, 2) is None
+
+
+def test_subsample_interval_on_reduced_points() -> None:
+    rng = np.random.default_rng(4)
+    n = 300
+    clean = rng.normal(size=(n, 10))
+    x = np.concatenate([clean, clean + 0.8 * rng.normal(size=(n, 10))])
+    full = overlap_highdim(x, flags(n), k=6, variant="share")
+    both = subsample_interval(x, k=6, variant="share", draws=100, seed=0)
+    lo, hi = both["calibrated"]
+    assert lo <= full.calibrated <= hi and 0 < hi - lo < 0.3

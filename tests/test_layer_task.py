@@ -90,16 +90,22 @@ def test_growing_shift_gives_decreasing_curve(rows):
 
 def test_row_fields_in_range_and_consistent(rows):
     for task, row in rows.values():
-        for key in ("overlap", "mixing", "pair", "overlap_reduced", "auc", "value"):
+        for key in ("overlap", "mixing", "pair", "share", "overlap_reduced", "auc", "value"):
             assert 0.0 <= row[key] <= 1.0, (key, row[key])
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
         assert row["calibrated_ci_low"] <= row["calibrated"] <= row["calibrated_ci_high"]
         assert row["k"] == auto_k(N) and row["k_setting"] == "auto"
         assert row["k_sweep"][f"overlap@{row['k']}"] == row["overlap"]
-        for v in ("overlap", "mixing", "pair"):
+        for v in ("overlap", "mixing", "pair", "share"):
             assert row[f"{v}_chance"] == pytest.approx(chance(v, N, row["k"]))
             assert row[f"{v}_calibrated"] == pytest.approx(min(1, row[v] / row[f"{v}_chance"]))
-        gap = row["overlap_calibrated"] - row["overlap_reduced_calibrated"]
+        v = row["variant"]
+        assert row["map_calibrated"] == row[f"{v}_calibrated"]
+        assert row["reduced_calibrated"] == row[f"{v}_reduced_calibrated"]
+        assert (
+            row["calibrated"] == row[f"{'reduced_' if row['space'] == 'reduced' else ''}calibrated"]
+        )
+        gap = row["map_calibrated"] - row["reduced_calibrated"]
         assert row["artefact_gap"] == pytest.approx(gap)
         assert row["artefact_flag"] == (abs(gap) > ARTEFACT_GAP)
         assert row["n"] == N and row["error"] is None

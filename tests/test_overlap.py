@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sklearn.neighbors import NearestNeighbors
 
 from advlens.errors import AdvlensError, ConfigError, DataError
+from advlens.kernels.metrics import VARIANTS
 from advlens.overlap import Overlap, detector_auc, overlap, overlap_highdim, overlap_sweep
 
 SETTINGS = settings(
@@ -32,14 +33,17 @@ def flags(n: int) -> np.ndarray:
 def oracle(x: np.ndarray, is_pert: np.ndarray, k: int, variant: str) -> np.ndarray:
     """Per-point values written out from docs/design.md, with scikit-learn's neighbours (continuous
     data: no distance ties, so any exact kNN gives the same sets)."""
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
+    nn = NearestNeighbors(n_neighbors=min(k + 2, len(x))).fit(x)
     _, idx = nn.kneighbors(x)
     out = np.empty(len(x))
     n = len(x) // 2
     for i in range(len(x)):
         neigh = [j for j in idx[i] if j != i][:k]
         share = sum(is_pert[j] != is_pert[i] for j in neigh) / k
-        if variant == "overlap":
+        if variant == "share":  # the twin left out: the first k of the others
+            rest = [j for j in idx[i] if j not in (i, (i + n) % (2 * n))][:k]
+            out[i] = sum(is_pert[j] != is_pert[i] for j in rest) / k
+        elif variant == "overlap":
             out[i] = 1.0 if share > 0 else 0.0
         elif variant == "mixing":
             out[i] = min(share / 0.5, 1.0)
@@ -53,12 +57,12 @@ def oracle(x: np.ndarray, is_pert: np.ndarray, k: int, variant: str) -> np.ndarr
     n=st.integers(3, 60),
     shift=st.sampled_from([0.0, 0.1, 0.5, 3.0]),
     k_frac=st.floats(0, 1),
-    variant=st.sampled_from(["overlap", "mixing", "pair"]),
+    variant=st.sampled_from(VARIANTS),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_variants_match_oracle_and_lie_in_unit_interval(n, shift, k_frac, variant, seed) -> None:
     x = pairs(n, shift, seed)
-    k = 1 + int(k_frac * (2 * n - 2))
+    k = 1 + int(k_frac * (2 * n - (3 if variant == "share" else 2)))  # share: twin left out
     res = overlap(x, flags(n), k=k, variant=variant)
     want = oracle(x, flags(n), k, variant)
     np.testing.assert_array_equal(res.per_point, want)
@@ -77,8 +81,8 @@ def test_permuting_samples_leaves_values_unchanged(n, shift, seed) -> None:
     labels = np.random.default_rng(seed).integers(0, 4, n)
     perm = np.random.default_rng(seed + 1).permutation(n)
     order = np.concatenate([perm, perm + n])  # same permutation of the samples in both halves
-    a = overlap_sweep(x, flags(n), ks=(1, 2, 5), labels=labels)
-    b = overlap_sweep(x[order], flags(n), ks=(1, 2, 5), labels=labels[perm])
+    a = overlap_sweep(x, flags(n), ks=(1, 2, 4), labels=labels)
+    b = overlap_sweep(x[order], flags(n), ks=(1, 2, 4), labels=labels[perm])
     for key in a:
         assert a[key].value == pytest.approx(b[key].value)
         np.testing.assert_array_equal(a[key].per_point[order], b[key].per_point)
@@ -98,7 +102,10 @@ def test_sanity_anchors() -> None:
     far = pairs(n, 1e3)
     for v in ("overlap", "mixing", "pair"):
         assert overlap(same, flags(n), variant=v).value >= 0.9
+    for v in VARIANTS:
         assert overlap(far, flags(n), variant=v).value <= 0.05
+    # share leaves the twin out: identical twins are as mixed as random labels (1/2, chance)
+    assert overlap(same, flags(n), variant="share").calibrated >= 0.9
     assert overlap(indep, flags(n)).value >= 0.9  # same distribution, drawn independently
     assert overlap(same, flags(n), k=1, variant="pair").value == 1.0
 
@@ -108,7 +115,7 @@ def test_sweep_equals_separate_calls_and_per_class() -> None:
     x = pairs(n, 0.3, seed=3)
     labels = np.random.default_rng(3).integers(0, 5, n)
     sweep = overlap_sweep(x, flags(n), ks=(2, 7, 15), labels=labels)
-    assert list(sweep) == [(v, k) for v in ("overlap", "mixing", "pair") for k in (2, 7, 15)]
+    assert list(sweep) == [(v, k) for v in VARIANTS for k in (2, 7, 15)]
     lab2 = np.concatenate([labels, labels])
     for (v, k), res in sweep.items():
         one = overlap(x, flags(n), k=k, variant=v, labels=lab2)  # per-point labels accepted too
@@ -188,6 +195,10 @@ def test_bad_input_errors() -> None:
     shuffled = np.random.default_rng(0).permutation(flags(n))
     with pytest.raises(ConfigError, match="sample-order convention"):
         overlap(x, shuffled, variant="pair")
+    with pytest.raises(ConfigError, match="sample-order convention"):
+        overlap(x, shuffled, variant="share")
+    with pytest.raises(ConfigError, match="'share' variant leaves out .* use k <= 38"):
+        overlap(x, flags(n), k=39, variant="share")
     with pytest.raises(ConfigError, match="sample-order convention"):
         overlap(x, shuffled, bootstrap=10)
     with pytest.raises(ConfigError, match="sample-order convention"):

@@ -110,6 +110,8 @@ def make_run(
             ci_low=max(0.0, ov - 0.05), ci_high=min(1.0, ov + 0.05), seconds_reduce=0.1,
             seconds_embed=1.0, seconds_overlap=0.01, error=None,
             calibrated=ov, overlap_reduced_calibrated=red,  # k = 10: chance ~ 1
+            share=ov / 2, share_reduced=red / 2, map_calibrated=ov, reduced_calibrated=red,
+            variant="overlap", space="map",
         )  # fmt: skip
         rows.append(row)
         (run / "tasks" / f"{task_id}.json").write_text(json.dumps(row))

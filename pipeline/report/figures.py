@@ -213,13 +213,15 @@ def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
 
 
 def artefact_figure(agg, layers, out) -> Path:
-    """Calibrated overlap on the 2-D map (solid) beside that on the 50-D reduced points
-    (dashed); crosses mark layers where the two differ by more than
-    :data:`~advlens.report.tables.ARTEFACT_GAP` (a t-SNE artefact flag). Raw overlap for rows
-    written before calibration."""
+    """The reported statistic, calibrated, on the 2-D map (solid) beside that on the 50-D
+    reduced points (dashed); crosses mark layers where the two differ by more than
+    :data:`~advlens.report.tables.ARTEFACT_GAP` (a t-SNE artefact flag). Calibrated overlap
+    for rows written before the space setting, raw overlap before calibration."""
     cal = any(a.get("calibrated_mean") is not None for a in agg)
-    on_map, reduced = ("calibrated", "overlap_reduced_calibrated") if cal else (
-        "overlap", "overlap_reduced")  # fmt: skip
+    both = any(a.get("map_calibrated_mean") is not None for a in agg)
+    on_map, reduced = (("map_calibrated", "reduced_calibrated") if both
+                       else ("calibrated", "overlap_reduced_calibrated") if cal
+                       else ("overlap", "overlap_reduced"))  # fmt: skip
     series: list[Series] = []
     for s in agg_series(agg, layers, on_map, band=False):
         red = next(r for r in agg_series(agg, layers, reduced, band=False)
@@ -228,7 +230,10 @@ def artefact_figure(agg, layers, out) -> Path:
             Series(s.label + " map", s.color, s.y, marker=s.marker, flags=s.extra["flags"]),
             Series(s.label + " reduced", s.color, red.y, linestyle="--", marker="none"),
         ]
-    return plot_series(series, layers, out, ylabel="calibrated overlap" if cal else "overlap")
+    name = (
+        next((a.get("variant") for a in agg if a.get("variant")), "overlap") if both else "overlap"
+    )
+    return plot_series(series, layers, out, ylabel=f"calibrated {name}" if cal else "overlap")
 
 
 # ---------------------------------------------------------------- maps

@@ -82,13 +82,13 @@ MAPS_HELP = (
     "its class.</p>"
 )
 FIG_CAPTIONS = {
-    "layer_curve": "Overlap per layer (paper Fig. 2): L2 blue, Linf orange; "
+    "layer_curve": "The value per layer, calibrated (paper Fig. 2): L2 blue, Linf orange; "
     "bands: ±1 standard deviation over seeds, perplexities and engines where repeats ran.",
     "detector": "ROC AUC of a k-nearest-neighbour detector (clean vs perturbed, reduced points, "
     "train on half the pairs, score the other half) per layer; dashed: 0.95.",
-    "artefact": "Artefact check: overlap on the 2-D map (solid) and on the reduced "
-    f"high-dimensional points (dashed); crosses: the calibrated values differ by more than "
-    f"{ARTEFACT_GAP}.",
+    "artefact": "Artefact check: the reported statistic, calibrated, on the 2-D map (solid) "
+    f"and on the reduced high-dimensional points t-SNE embeds (dashed); crosses: they differ by "
+    f"more than {ARTEFACT_GAP}.",
     "k_sweep": "Overlap per layer for several neighbourhood sizes k.",
     "per_class": "Overlap per true class (columns) and layer (rows).",
 }
@@ -103,14 +103,19 @@ COLUMNS = {
     "repeats": "maps per layer (engines x seeds x perplexities)",
     "n": "N, the attacked samples: each map has 2N points (clean and perturbed)",
     "success": "share of the N attacks that changed the model's prediction",
+    "value": "the reported statistic (overlap.variant, in overlap.space), calibrated: 1 = as "
+    "mixed as random clean/perturbed labels, 0 = separated. ± std over repeats",
+    "interval": "95% interval of the value: half-samples of the images for one map, the "
+    "repeats' means otherwise",
+    "map": "the reported statistic, calibrated, on the 2-D t-SNE map",
+    "reduced": "the reported statistic, calibrated, on the PCA-reduced points t-SNE embeds",
     "overlap": "share of the 2N map points whose k nearest neighbours include one from the "
-    "other side (clean vs perturbed); 1 = the twins mix, 0 = they separate. ± std over repeats",
-    "interval": "95% bootstrap interval: over the points for one map, over the repeats' means "
-    "otherwise",
+    "other side (clean vs perturbed), raw",
     "mixing": "mean share of a point's k neighbours that come from the other side",
     "pair": "share of points whose own twin is among their k nearest neighbours",
-    "overlap reduced": "overlap on the PCA-reduced high-dimensional points, before t-SNE",
-    "artefact": f"flag: calibrated map and reduced-point overlap differ by more than {ARTEFACT_GAP}",
+    "share": "mean share of other-side points among a point's k neighbours, its twin left out, "
+    "raw (1/2 = random mixing), on the map",
+    "artefact": f"flag: map and reduced value (calibrated) differ by more than {ARTEFACT_GAP}",
     "AUC": "ROC AUC of a kNN detector telling clean from perturbed on the reduced points "
     "(0.5 = chance, 1 = perfect)",
 }
@@ -182,15 +187,17 @@ def _table(head: Sequence[str], body: Iterable[str], attrs: str = "") -> str:
 
 def metrics_table(agg: Sequence[dict]) -> str:
     """One row per (attack, norm, layer): mean +- std over repeats, interval, flags, AUC."""
-    head = ["layer", "norm", "attack", "eps", "engine", "repeats", "n", "success", "overlap",
-            "interval", "mixing", "pair", "overlap reduced", "artefact", "AUC"]  # fmt: skip
+    head = ["layer", "norm", "attack", "eps", "engine", "repeats", "n", "success", "value",
+            "interval", "map", "reduced", "overlap", "mixing", "pair", "share", "artefact",
+            "AUC"]  # fmt: skip
     body = []
     for a in agg:
         rep = a["n_repeats"] > 1
-        ov = _fmt(a["overlap_mean"]) + (f" ± {a['overlap_std']:.3f}" if rep else "")
-        lo, hi = (
-            (a["overlap_boot_low"], a["overlap_boot_high"]) if rep else (a["ci_low"], a["ci_high"])
-        )
+        lead = "calibrated" if a.get("calibrated_mean") is not None else "overlap"
+        ov = _fmt(a[f"{lead}_mean"]) + (f" ± {a[f'{lead}_std']:.3f}" if rep else "")
+        one = ("calibrated_ci_low", "calibrated_ci_high") if lead == "calibrated" else (
+            "ci_low", "ci_high")  # fmt: skip
+        lo, hi = (a[f"{lead}_boot_low"], a[f"{lead}_boot_high"]) if rep else (a[one[0]], a[one[1]])
         interval = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "–"
         norm = _e(a["norm"])
         cells = [
@@ -204,7 +211,17 @@ def metrics_table(agg: Sequence[dict]) -> str:
             f"<td>{_fmt(a['success_rate'])}</td>",
             f"<td>{ov}</td>",
             f"<td>{interval}</td>",
-            *(f"<td>{_fmt(a[m + '_mean'])}</td>" for m in ("mixing", "pair", "overlap_reduced")),
+            *(
+                f"<td>{_fmt(a[m + '_mean'])}</td>"
+                for m in (
+                    "map_calibrated",
+                    "reduced_calibrated",
+                    "overlap",
+                    "mixing",
+                    "pair",
+                    "share",
+                )
+            ),
             f"<td>{'flag' if a['artefact_flag'] else ''}</td>",
             f"<td>{_fmt(a['auc_mean'])}</td>",
         ]
@@ -346,7 +363,7 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Summary</h2>",
         f"<pre>{_e(summary(rows, run_dir))}</pre>",
         accuracy_html(prov, agg),
-        "<h2>Overlap per layer</h2>",
+        "<h2>Value per layer</h2>",
         curve,
         "<h2>Detector AUC</h2>",
         fig("detector"),
@@ -357,10 +374,10 @@ def write_report(run_dir: str | Path) -> Path:
     parts += ["<h2>Artefact check</h2>", fig("artefact")]
     flagged = [a for a in agg if a["artefact_flag"]]
     parts.append(
-        f"<p>{len(flagged)} layer(s) flagged: the calibrated overlap on the map and on the "
+        f"<p>{len(flagged)} layer(s) flagged: the calibrated value on the map and on the "
         f"reduced points differ by more than {ARTEFACT_GAP} (highlighted in the table).</p>"
         if flagged
-        else "<p>No layer flagged: calibrated map and reduced-point overlap agree within "
+        else "<p>No layer flagged: the calibrated value on the map and on the reduced points agree within "
         f"{ARTEFACT_GAP}.</p>"
     )
     parts += ["<h2>Metrics</h2>", metrics_table(agg), column_help(list(COLUMNS))]

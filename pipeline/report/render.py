@@ -38,7 +38,8 @@ def make_figures(
     classes = _classes(provenance or {})
     jobs: list[tuple[str, Callable[[Path], Path]]] = []
     if ok:
-        jobs.append(("layer_curve.png", lambda p: F.layer_curve(agg, layers, p)))
+        lead = "calibrated" if any(r.get("calibrated") is not None for r in ok) else "overlap"
+        jobs.append(("layer_curve.png", lambda p: F.layer_curve(agg, layers, p, metric=lead)))
     if any(r.get("auc") is not None for r in ok):
         jobs.append(
             ("detector.png", lambda p: F.detector_figure(agg, layers, p, threshold=AUC_GOOD))

@@ -38,10 +38,12 @@ from advlens.results import (  # noqa: F401
 log = logging.getLogger(__name__)
 ROW_KEYS = (
     "attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k", "n",
-    "success_rate", "overlap", "mixing", "pair", "overlap_reduced", "artefact_flag", "auc",
-    "ci_low", "ci_high", "seconds_reduce", "seconds_embed", "seconds_overlap", "error",
+    "success_rate", "variant", "space", "value", "calibrated", "map_calibrated",
+    "reduced_calibrated", "overlap", "mixing", "pair", "share", "overlap_reduced", "share_reduced",
+    "artefact_flag", "auc", "ci_low", "ci_high", "calibrated_ci_low", "calibrated_ci_high", "seconds_reduce", "seconds_embed", "seconds_overlap", "error",
 )  # fmt: skip
-METRICS = ("overlap", "mixing", "pair", "overlap_reduced", "auc", "calibrated",
+METRICS = ("overlap", "mixing", "pair", "share", "overlap_reduced", "share_reduced", "auc",
+           "calibrated", "map_calibrated", "reduced_calibrated",
            "overlap_reduced_calibrated")  # fmt: skip
 GROUP_KEYS = ("attack", "norm", "layer")
 REPEAT_KEYS = ("engine", "seed", "perplexity")
@@ -230,7 +232,7 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
     with at least :data:`MIN_PERCENTILE_REPEATS`, else their range (``interval`` says which).
     ``pooled`` names the repeat keys other than the seed with several values (engines,
     perplexities): those are pooled only visibly. ``artefact_flag`` compares the mean
-    calibrated overlap on the map with that on the reduced points.
+    calibrated value of the reported statistic on the map with that on the reduced points.
     """
     rows = ok_rows(rows)
     order = {name: i for i, name in enumerate(layers or layer_order(rows))}
@@ -253,6 +255,10 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
             # one map: its own bootstrap interval over points (from the overlap stage)
             "ci_low": first.get("ci_low") if len(rs) == 1 else None,
             "ci_high": first.get("ci_high") if len(rs) == 1 else None,
+            "calibrated_ci_low": first.get("calibrated_ci_low") if len(rs) == 1 else None,
+            "calibrated_ci_high": first.get("calibrated_ci_high") if len(rs) == 1 else None,
+            "variant": first.get("variant", "overlap"),
+            "space": first.get("space", "map"),
         }
         for key in REPEAT_KEYS:
             a[PLURAL[key]] = " ".join(sorted({str(r.get(key)) for r in rs}))
@@ -263,7 +269,10 @@ def aggregate(rows: Iterable[dict], layers: Sequence[str] | None = None) -> list
         for m in METRICS:
             for stat, v in _stats([r.get(m) for r in rs]).items():
                 a[f"{m}_{stat}"] = v
-        om, rm = a["calibrated_mean"], a["overlap_reduced_calibrated_mean"]
+        # the reported statistic on the map against on the reduced points
+        om, rm = a["map_calibrated_mean"], a["reduced_calibrated_mean"]
+        if om is None or rm is None:  # rows written before the space setting: overlap
+            om, rm = a["calibrated_mean"], a["overlap_reduced_calibrated_mean"]
         if om is None or rm is None:  # rows written before calibration: raw values
             om, rm = a["overlap_mean"], a["overlap_reduced_mean"]
         a["artefact_flag"] = bool(om is not None and rm is not None and abs(om - rm) > ARTEFACT_GAP)
