@@ -328,7 +328,8 @@ class EmbedConfig:
         return self.perplexities or (self.perplexity,)
 
 
-# advlens.kernels.metrics.VARIANTS (not imported: the config module needs no SciPy)
+# The overlap variants, named once here (advlens.kernels.metrics.VARIANTS is this tuple): the
+# config module checks overlap.variant without importing the kernels (SciPy, torch).
 OVERLAP_VARIANTS = ("overlap", "mixing", "pair", "share")
 OVERLAP_SPACES = ("reduced", "map")  # the reduced (PCA) points t-SNE embeds, or its 2-D map
 
