@@ -479,7 +479,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         return _build(tp, value, key + ".", source)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

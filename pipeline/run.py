@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ from advlens._env import device_name, resolve_device, versions
 from advlens._io import WRITTEN, record, remove_written, slug
 from advlens._optional import HINTS
 from advlens._version import __version__
-from advlens.attacks import Unperturbed, check_finite, get_attack
+from advlens.attacks import Attack, Unperturbed, check_finite, get_attack
 from advlens.config import RunConfig, load, shaping_keys, store_identity
-from advlens.data import SOURCES, dataset_shape, load_dataset, stratified_sample
+from advlens.data import SOURCES, Dataset, dataset_shape, load_dataset, stratified_sample
 from advlens.embed import TSNEParams, get_engine, max_perplexity, resolve_engine
 from advlens.errors import ConfigError, StoreError
 from advlens.extract import extract, plan_queue, plan_sub_batch
@@ -152,7 +153,13 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunResult:
+def run(
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    model: torch.nn.Module | None = None,
+    data: Dataset | None = None,
+) -> RunResult:
     """Run every stage of ``cfg`` and return the metrics rows; resumes a killed run.
 
     ``model`` (an ``nn.Module``) and ``data`` (an :class:`advlens.data.Dataset`) replace the
@@ -395,7 +402,9 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def build_attack(cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None):
+def build_attack(
+    cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None
+) -> Attack:
     """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline.
     ``sub_batch``: images per forward/backward pass (:func:`advlens.extract.plan_sub_batch`)."""
 
@@ -486,7 +495,7 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
     return model, data, device
 
 
-def check_fit(model, data, device: str, name: str) -> None:
+def check_fit(model: torch.nn.Module, data: Dataset, device: str, name: str) -> None:
     """One sample's forward pass: a model that cannot take the data's images, or that
     returns no logits for every class, is a ConfigError naming both shapes."""
 
@@ -536,7 +545,9 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     return data.subset(picked), accuracy
 
 
-def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
+def accuracy_record(
+    clean: float, n_split: int, stores: Sequence[tuple[str, str, float, Path]]
+) -> dict[str, Any]:
     """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
     split still classified correctly under attack, clean x (1 - success rate), since only
     correctly classified images are attacked (a seeded sample of them)."""

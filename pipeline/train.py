@@ -25,7 +25,7 @@ import dataclasses
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from torch import nn
 
 from advlens._io import atomic_write, write_json
 from advlens.config import ADVERSARIAL, AdvRecipe
-from advlens.data import load_dataset
+from advlens.data import Dataset, load_dataset
 from advlens.errors import ConfigError
 from advlens.models.small_cnn import (
     TRAINABLE,
@@ -68,7 +68,13 @@ __all__ = [
 MIN_ACCURACY = {"fashion-mnist": 0.88}
 
 
-def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: AdvRecipe,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Madry et al.'s PGD: random start, signed-gradient ascent steps, projection to the eps ball
     and to [0, 1]. Uses (and so advances) torch's global RNG, seeded by the caller."""
     eps, alpha = recipe.eps, 2.5 * recipe.eps / recipe.steps
@@ -82,8 +88,8 @@ def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
 
 
 def train_small_cnn(
-    ds_train,
-    ds_test=None,
+    ds_train: Dataset,
+    ds_test: Dataset | None = None,
     *,
     epochs: int = 4,
     seed: int = 0,
@@ -92,7 +98,7 @@ def train_small_cnn(
     lr: float = 2e-3,
     progress: bool = False,
     adversarial: AdvRecipe | None = None,
-):
+) -> tuple[SmallCNN, float]:
     """Train :class:`~advlens.models.small_cnn.SmallCNN` with Adam and a one-cycle schedule;
     on PGD adversarial examples of each batch with ``adversarial`` (:func:`pgd_linf`).
 
@@ -138,7 +144,9 @@ def train_small_cnn(
     return model, acc
 
 
-def evaluate(model, ds, *, batch_size: int = 1000, device: str = "cpu") -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 1000, device: str = "cpu"
+) -> float:
     """Top-1 accuracy of ``model`` on dataset ``ds``."""
     correct = 0
     with torch.no_grad():

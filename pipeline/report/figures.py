@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps, rc_context
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -57,7 +58,7 @@ def norm_color(norm: str) -> str:
     return NORM_COLORS.get(str(norm).lower(), "#7f7f7f")
 
 
-def series_label(attack: str, norm: str, eps, several_attacks: bool) -> str:
+def series_label(attack: str, norm: str, eps: float | None, several_attacks: bool) -> str:
     text = NORM_LABELS.get(norm, str(norm))
     if eps is not None:
         text += f" ε={eps:.3g}"
@@ -83,7 +84,7 @@ def _tick_font(n_layers: int, width: float) -> tuple[float, int]:
     return fs, stride
 
 
-def layer_axis(ax, layers: Sequence[str], width: float) -> None:
+def layer_axis(ax: Axes, layers: Sequence[str], width: float) -> None:
     """Put (shortened, rotated, strided) layer names on the x axis."""
     n = len(layers)
     fs, stride = _tick_font(n, width)
@@ -199,12 +200,21 @@ def plot_series(
         return save(fig, out)
 
 
-def layer_curve(agg, layers, out, *, metric: str = "overlap", title: str | None = None) -> Path:
+def layer_curve(
+    agg: Sequence[dict],
+    layers: Sequence[str],
+    out: str | Path,
+    *,
+    metric: str = "overlap",
+    title: str | None = None,
+) -> Path:
     """The paper's Figure 2: ``metric`` per layer per attack x norm, +-std bands over repeats."""
     return plot_series(agg_series(agg, layers, metric), layers, out, ylabel=metric, title=title)
 
 
-def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
+def detector_figure(
+    agg: Sequence[dict], layers: Sequence[str], out: str | Path, *, threshold: float = 0.95
+) -> Path:
     """kNN-detector ROC AUC per layer (clean vs perturbed on the reduced points)."""
     series = agg_series(agg, layers, "auc")
     low = min([float(np.nanmin(s.y)) for s in series if np.isfinite(s.y).any()], default=0.5)
@@ -212,7 +222,7 @@ def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
     return plot_series(series, layers, out, ylabel="detector AUC", ylim=ylim, threshold=threshold)
 
 
-def artefact_figure(agg, layers, out) -> Path:
+def artefact_figure(agg: Sequence[dict], layers: Sequence[str], out: str | Path) -> Path:
     """The reported statistic, calibrated, on the 2-D map (solid) beside that on the 50-D
     reduced points (dashed); crosses mark layers where the two differ by more than
     :data:`~advlens.report.tables.ARTEFACT_GAP` (a t-SNE artefact flag). Calibrated overlap
@@ -265,7 +275,7 @@ def _draw_overlap_map(ax, m: TaskMap) -> None:
         ax.scatter(*m.xy[sel].T, s=s * 1.4, c=color, lw=0, rasterized=True)
 
 
-def maps_figure(maps: Sequence[TaskMap], out, *, title: str | None = None) -> Path:
+def maps_figure(maps: Sequence[TaskMap], out: str | Path, *, title: str | None = None) -> Path:
     """The paper's Figure 3: every layer's joint map; overlapping points grey, the rest green
     (clean) or red (perturbed). Panel titles give the layer and its overlap."""
     ncols, nrows = _grid(len(maps))
@@ -321,7 +331,13 @@ def _label_legend(fig, names, colors, ncol: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
 
 
-def label_map(m: TaskMap, out, *, classes: Sequence[str] | None = None, title=None) -> Path:
+def label_map(
+    m: TaskMap,
+    out: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """The paper's Figure 4: one layer's map coloured by true label (clean dots, perturbed x)."""
     n_classes = int(np.max(m.labels)) + 1 if len(m.labels) else 1
     names, colors = class_names(n_classes, classes), _class_colors(n_classes)
@@ -341,7 +357,13 @@ def label_map(m: TaskMap, out, *, classes: Sequence[str] | None = None, title=No
         return save(fig, out)
 
 
-def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Path:
+def labels_grid(
+    maps: Sequence[TaskMap],
+    out: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """Every layer's map coloured by true label, in one grid."""
     n_classes = max(int(np.max(m.labels)) + 1 for m in maps) if maps else 1
     names, colors = class_names(n_classes, classes), _class_colors(n_classes)
@@ -361,7 +383,7 @@ def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Pa
 
 
 # ---------------------------------------------------------------- sweeps and breakdowns
-def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
+def k_sweep_figure(sweeps: dict, layers: Sequence[str], out: str | Path) -> Path:
     """Overlap per layer for each k of the sweep; one panel per (attack, norm).
 
     ``sweeps`` maps (attack, norm) -> {layer: {k: overlap}}.
@@ -390,7 +412,9 @@ def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
         return save(fig, out)
 
 
-def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None) -> Path:
+def per_class_figure(
+    tables: dict, out: str | Path, *, classes: Sequence[str] | None = None
+) -> Path:
     """Heat map of overlap per true class (columns) per layer (rows), one panel per
     (attack, norm). ``tables`` maps (attack, norm) -> (layer names, matrix (L, C))."""
     keys = sorted(tables)
@@ -454,13 +478,13 @@ def _layer_lines(ax, rows: Sequence[dict], x_key: str, xlabel: str) -> None:
     ax.legend(fontsize=4, ncol=2)
 
 
-def eps_curve_figure(layers: Sequence[dict], out) -> Path:
+def eps_curve_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Calibrated overlap against eps, one line per layer (from (0, 1)), one panel per
     attack x norm; the dotted line is the radius threshold 1/2."""
     return _sweep_figure(layers, out, "eps", "eps")
 
 
-def matched_success_figure(layers: Sequence[dict], out) -> Path:
+def matched_success_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Calibrated overlap against the attack success rate (the matched-success view)."""
     return _sweep_figure(layers, out, "success_rate", "attack success rate")
 
@@ -475,7 +499,7 @@ def _sweep_figure(layers: Sequence[dict], out, x: str, xlabel: str) -> Path:
         return save(fig, out)
 
 
-def radius_figure(layers: Sequence[dict], out) -> Path:
+def radius_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Robustness radius per layer (eps at which the calibrated overlap falls below 1/2), one
     line per attack x norm; open markers at the largest eps: not reached there."""
     with _rc():
