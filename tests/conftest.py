@@ -112,7 +112,7 @@ def _backend(name: str) -> Backend:
     if name == "torch":
         return _torch_backend("cpu")
     if name == "torch-cuda":
-        if not _has_gpu():
+        if not has_cuda():
             pytest.skip("needs a CUDA GPU")
         return _torch_backend("cuda")
     return _cupy_backend()
