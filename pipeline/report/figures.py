@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps, rc_context
@@ -449,7 +450,7 @@ def _rc():
     return rc_context(RC)
 
 
-def save(fig: Figure, out: str | Path, **kwargs) -> Path:
+def save(fig: Figure, out: str | Path, **kwargs: Any) -> Path:
     """Write ``fig`` as PNG to ``out`` atomically (``kwargs`` for ``savefig``, e.g. ``dpi``)."""
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 

@@ -201,18 +201,18 @@ def prepare(
     for layer in layers:
         if not layer or "/" in layer or layer.startswith("__"):
             raise StoreError(f"layer name {layer!r} cannot name a Zarr array (no '/')")
-    aliases = _check_aliases(path, layers, aliases)
+    checked = _check_aliases(path, layers, aliases)
     clash = sorted(set(attrs) & set(RESERVED) - {"advlens_version"})
     if clash:
         raise StoreError(f"store attrs {clash} are reserved by the store; rename them")
-    attrs = _jsonable({k: v for k, v in attrs.items() if k != "advlens_version"})
+    own = _jsonable({k: v for k, v in attrs.items() if k != "advlens_version"})
     if path.exists():
         if not overwrite and _existing_status(path) != "creating":  # "creating": no data yet
-            return attrs, aliases, False
+            return own, checked, False
         _remove_store(path)
-    _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs,
-            aliases=aliases)  # fmt: skip
-    return attrs, aliases, True
+    _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=own,
+            aliases=checked)  # fmt: skip
+    return own, checked, True
 
 
 def root_attrs(path: Path) -> dict[str, Any]:
