@@ -80,7 +80,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """Atomically write arrays as a compressed ``.npz`` file."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    save: Callable[..., None] = np.savez_compressed  # its stub reads **arrays as its own flags
+    save(buf, **arrays)
     return atomic_write(path, buf.getvalue())
 
 
