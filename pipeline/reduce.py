@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from advlens._env import resolve_device
 from advlens.config import memory_bytes
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,6 @@ CHUNK_VALUES = 1 << 24
 MAX_CHUNK_ROWS = 2048
 
 Blocks = Callable[[], Iterable[tuple[int, np.ndarray]]]
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reduce(x: np.ndarray, n_components: int = 50, *, seed: int = 0,
@@ -74,7 +68,7 @@ def reduce(x: np.ndarray, n_components: int = 50, *, seed: int = 0,
         # Nothing to reduce: PCA would only rotate. Keep the raw coordinates (centred).
         arr = np.asarray(x, dtype=np.float32)
         return arr - arr.mean(axis=0, keepdims=True)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     if device.startswith("cuda"):
         return _reduce_torch(x, q, seed, device)
 
