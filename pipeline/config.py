@@ -341,7 +341,7 @@ class OverlapConfig:
 
     k: int | str = setting("task", "auto", doc="neighbours per point: auto (N / 100) or an integer")
     variant: str = setting(
-        "task", "overlap", doc="reported statistic: overlap, mixing, pair or share"
+        "task", "share", doc="reported statistic: share, overlap, mixing or pair"
     )
     k_sweep: tuple[int, ...] = setting("task", (5, 10, 20, 50), doc="k values also reported")
     bootstrap: int = setting(
@@ -349,7 +349,7 @@ class OverlapConfig:
     )
     detector_seed: int = setting("task", 0, doc="the detector's folds: its own seed, not the map's")
     space: str = setting(
-        "task", "map", doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map"
+        "task", "reduced", doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map"
     )
 
     def __post_init__(self) -> None:
