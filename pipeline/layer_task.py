@@ -114,7 +114,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
     if done is not None:
         return done
 
-    store = ActivationStore.open(task.store, mode="r+")
+    store = ActivationStore.open(task.store)
     samples = store.samples()
     n = store.n
     is_perturbed = np.repeat([False, True], n)
@@ -200,8 +200,6 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
         labels=labels,
         per_point=base.per_point.astype(np.float32),
     )
-    key = f"{task.engine}-{task.seed}" + (f"-p{task.perplexity:g}" if task.perplexity != 30 else "")
-    store.write_embedding(task.layer, key, emb.xy)
     write_json(task.row_path, row)  # last: its presence marks the task done
     return row
 

@@ -8,6 +8,7 @@ overlap ~ 1 and AUC ~ 0.5; a huge shift gives overlap ~ 0 and AUC ~ 1.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,7 @@ def test_row_fields_in_range_and_consistent(rows):
         saved = np.load(task.map_path)
         assert saved["xy"].shape == (2 * N, 2)
         assert saved["per_point"].mean() == pytest.approx(row["overlap"])
+        assert not (Path(task.store) / "embeddings").exists()  # the map is kept once: its .npz
         assert json.loads(task.row_path.read_text()) == row
 
 

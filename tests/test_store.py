@@ -493,22 +493,3 @@ def test_damaged_progress_flag_counts_as_not_written(tmp_path, caplog):
     again = ActivationStore.open(store.path)
     assert again.is_complete() and again.check() == []
     assert np.array_equal(again.joint("input")[50:], acts["input"][1].astype(np.float32))
-
-
-# ----------------------------------------------------------------------------- embeddings
-def test_embeddings_round_trip(tmp_path):
-    store, samples, acts = _make(tmp_path, n=20, batch_size=10)
-    _fill(store, samples, acts)
-    ro = ActivationStore.open(store.path)  # analysis tasks add maps to a finished store
-    xy = np.random.default_rng(1).standard_normal((40, 2)).astype(np.float32)
-    ro.write_embedding("conv1", "opentsne-0", xy, attrs={"perplexity": 30.0})
-    ro.write_embedding("conv1", "opentsne-0", xy + 1)  # same key: replaced
-    ro.write_embedding("conv1", "sklearn-1", xy)
-    assert np.array_equal(ro.read_embedding("conv1", "opentsne-0"), xy + 1)
-    assert ro.embedding_keys("conv1") == ["opentsne-0", "sklearn-1"]
-    with pytest.raises(StoreError, match="opentsne-0"):
-        ro.read_embedding("conv1", "opentsne-1")
-    with pytest.raises(ValueError, match=r"\(40, 2\)"):
-        ro.write_embedding("conv1", "x", xy[:10])
-    with pytest.raises(StoreError, match="closest valid names"):
-        ro.write_embedding("conv9", "x", xy)
