@@ -336,7 +336,8 @@ class OverlapConfig:
     """The overlap metric (see docs/design.md): variant and k, plus a k-sweep.
 
     ``k = "auto"`` scales k with the sample (N / 100: N = 1,000 gives 10); an integer fixes it.
-    ``bootstrap``: half-sample draws of the images for the interval (0: none).
+    ``variant`` and ``space`` choose the reported value (default: ``share`` on the reduced points
+    t-SNE embeds; the map's value is reported beside it). ``bootstrap``: half-sample draws of the images for the interval (0: none).
     """
 
     k: int | str = setting("task", "auto", doc="neighbours per point: auto (N / 100) or an integer")
@@ -349,7 +350,9 @@ class OverlapConfig:
     )
     detector_seed: int = setting("task", 0, doc="the detector's folds: its own seed, not the map's")
     space: str = setting(
-        "task", "reduced", doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map"
+        "task",
+        "reduced",
+        doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map",
     )
 
     def __post_init__(self) -> None:
