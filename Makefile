@@ -19,7 +19,7 @@ help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
 	@echo "make test         set up and run the tests (make test-all: the slow ones too)"
 	@echo "make robust-vs-standard  adversarially trained vs standard small CNN -> runs/robust-vs-standard/"
-	@echo "make lint         ruff"
+	@echo "make lint         ruff (check and format) and mypy on pipeline/ and kernels/"
 	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
 	@echo "make gpu-wheels   fetch the wheels a bare GPU machine lacks -> .whl/ (needs PyPI)"
 	@echo "make gpu-check    on one GPU, offline: pytest -m gpu + GPU benchmarks (dry run without one)"
@@ -81,9 +81,14 @@ browser:
 	    || echo "advlens: could not install chromium; the browser test will be skipped"; \
 	  else echo "advlens: chromium is missing (sudo apt-get install chromium); the browser test will be skipped"; fi; }
 
-lint: setup
-	$(BIN)/ruff check pipeline kernels tests benchmarks
-	$(BIN)/ruff format --check pipeline kernels tests benchmarks
+# ruff and mypy come with the test extras (pinned in pyproject.toml); mypy's settings are
+# [tool.mypy] there, and .ci/typecheck.py hands it pipeline/ as advlens, kernels/ as advlens.kernels.
+LINTED := pipeline kernels tests benchmarks .ci
+
+lint: $(VENV)/.installed
+	$(BIN)/python -m ruff check $(LINTED)
+	$(BIN)/python -m ruff format --check $(LINTED)
+	$(BIN)/python .ci/typecheck.py
 
 bench: setup
 	$(BIN)/python benchmarks/overlap_kernel.py --small

@@ -24,7 +24,7 @@ EXTRA = 8  # spare candidates beyond k + 1, so that the certificate almost alway
 MAX_ROWS = 4096  # query rows per block
 
 
-def budget(device) -> int:
+def budget(device: torch.device | str) -> int:
     """Elements of one score tile and of one re-ranking block: 2^24 on a CPU, 2^27 on a GPU."""
     return 1 << 27 if getattr(device, "type", str(device)) == "cuda" else 1 << 24
 

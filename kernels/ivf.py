@@ -47,7 +47,9 @@ def _nearest(points: Any, cent: Any, elements: int) -> Any:
     return out
 
 
-def kmeans(x: Any, n_lists: int, *, seed: int = 0, iters: int = KMEANS_ITERS, elements: int):
+def kmeans(
+    x: torch.Tensor, n_lists: int, *, seed: int = 0, iters: int = KMEANS_ITERS, elements: int
+) -> torch.Tensor:
     """Lloyd's k-means of the rows of ``x`` (float32) from a seeded sample; (n_lists, d)."""
 
     n = x.shape[0]

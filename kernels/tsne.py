@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -251,10 +253,10 @@ def _edge_forces(y, row, col, val):
     return diff * w[:, None]
 
 
-_FUSED: dict[str, object] = {}
+_FUSED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def fused_edge_forces():
+def fused_edge_forces() -> Callable[..., torch.Tensor]:
     """:func:`_edge_forces` compiled by ``torch.compile`` into one kernel (gathers, distance,
     weight and product in one pass over the edges instead of ~9; a Triton kernel on a GPU, a C++
     loop on the CPU), built once per process. The sum per point stays a ``segment_reduce``."""
@@ -462,7 +464,7 @@ def tsne(
     knn: tuple[torch.Tensor, torch.Tensor] | None = None,
     init: str | torch.Tensor = "pca",
     seed: int = 0,
-    **opt,
+    **opt: Any,
 ) -> TSNEResult:
     """Full t-SNE of ``x`` (n, d) on its device; ``opt`` goes to :func:`optimize`."""
 

@@ -37,6 +37,7 @@ from advlens.report import figures as F
 from advlens.report import summary
 from advlens.report.html import write_report
 from advlens.report.tables import METRICS, aggregate, load_maps, read_metrics
+from advlens.results import TaskMap
 from advlens.run import run
 
 # Columns of the notebook table (the full rows are in Result.table).
@@ -57,13 +58,13 @@ class Result:
 
         return aggregate(self.table, self.layers)
 
-    def to_pandas(self):
+    def to_pandas(self) -> Any:
         """The table as a ``pandas.DataFrame`` (needs pandas)."""
 
         pd = require("pandas", "Result.to_pandas()")
         return pd.DataFrame(self.table)
 
-    def plot(self, metric: str = "overlap"):
+    def plot(self, metric: str = "overlap") -> Figure:
         """The per-layer curve of ``metric`` (one line per attack x norm) as a matplotlib Figure."""
 
         if metric not in METRICS:
@@ -84,7 +85,7 @@ class Result:
             ax.legend(frameon=False, loc="best")
         return fig
 
-    def points(self, layer: str, *, attack: str | None = None, norm: str | None = None):
+    def points(self, layer: str, *, attack: str | None = None, norm: str | None = None) -> TaskMap:
         """The 2-D map of ``layer`` as a :class:`~advlens.report.tables.TaskMap` (``xy``,
         ``is_perturbed``, ``labels``, ``per_point``; clean points first, then their twins)."""
 
@@ -105,7 +106,7 @@ class Result:
             raise ConfigError(f"no map for layer {layer!r}; {closest(layer, list(by_layer))}")
         return by_layer[layer]
 
-    def map(self, layer: str, *, attack: str | None = None, norm: str | None = None):
+    def map(self, layer: str, *, attack: str | None = None, norm: str | None = None) -> Figure:
         """The joint t-SNE map of ``layer`` as a matplotlib Figure: overlapping points grey,
         the rest clean or perturbed."""
 
@@ -168,9 +169,9 @@ def load_run(path: str | Path) -> Result:
 
 
 def analyze(
-    model,
-    images=None,
-    labels=None,
+    model: torch.nn.Module | str,
+    images: Any = None,
+    labels: Any = None,
     *,
     layers: str | list[str] = "all",
     attack: str | list[str] = "apgd-ce",

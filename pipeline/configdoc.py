@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -30,18 +31,23 @@ class Setting:
     doc: str
 
 
+def sections() -> dict[str, type]:
+    """Section name -> its config dataclass, in :class:`~advlens.config.RunConfig` order."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in fields(RunConfig)}
+
+
 def settings() -> list[Setting]:
     """Every ``section.key`` of :class:`~advlens.config.RunConfig`, in definition order."""
 
     out = []
-    for section in fields(RunConfig):
-        cls = section.default_factory  # type: ignore[misc]
+    for section, cls in sections().items():
         for f in fields(cls):
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default_factory is MISSING else f.default_factory()
             annotation = (
                 f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             )
-            out.append(Setting(f"{section.name}.{f.name}", default, annotation, f.metadata["doc"]))
+            out.append(Setting(f"{section}.{f.name}", default, annotation, f.metadata["doc"]))
     return out
 
 
@@ -80,13 +86,13 @@ def main(args: argparse.Namespace) -> int:
         for i, s in enumerate(rows)
     ]
     widths = [max(len(r[c]) for r in [head, *table]) for c in range(len(head) - 1)]
-    sections = {f.name: f.default_factory for f in fields(RunConfig)}
+    classes = sections()
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + "  " + head[-1])
     section = None
     for r in table:
         if r[0].split(".")[0] != section:
             section = r[0].split(".")[0]
-            doc = (sections[section].__doc__ or "").strip().splitlines()[0]  # type: ignore[union-attr]
+            doc = (classes[section].__doc__ or "").strip().splitlines()[0]
             print(f"\n[{section}]  {doc}")
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0

@@ -49,7 +49,9 @@ def parse_eps(text: str) -> list[float]:
     return sorted(set(out))
 
 
-def radius(eps: Sequence[float], values: Sequence[float], threshold: float = THRESHOLD):
+def radius(
+    eps: Sequence[float], values: Sequence[float], threshold: float = THRESHOLD
+) -> float | None:
     """Smallest eps at which ``values`` (calibrated overlap at increasing ``eps``) fall below
     ``threshold``, linearly interpolated between the last eps above it and the first below;
     the curve starts at (0, 1). None when it never falls below (the radius exceeds max eps)."""
@@ -62,7 +64,7 @@ def radius(eps: Sequence[float], values: Sequence[float], threshold: float = THR
     return None
 
 
-def at_success(success: Sequence[float], values: Sequence[float], level: float):
+def at_success(success: Sequence[float], values: Sequence[float], level: float) -> float | None:
     """Calibrated overlap interpolated at attack success rate ``level`` (None outside the
     measured success range; the curve starts at (0, 1): no success, eps = 0)."""
     pts = sorted(zip([0.0, *map(float, success)], [1.0, *map(float, values)], strict=True))

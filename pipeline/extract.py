@@ -13,13 +13,16 @@ finished batches may wait for the writer, so that neither grows with ``attack.ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from advlens.attacks import check_finite, chunks
+from advlens.attacks import AttackResult, check_finite, chunks
+from advlens.data import Dataset
 from advlens.errors import StoreError
 from advlens.models.taps import activation_values, tap_forward
 from advlens.progress import bar, expected_forwards, forward_ticks
@@ -32,7 +35,47 @@ GRAD_FACTOR = 1.5
 SUB_BATCH_ALIGN = 8
 
 
-def plan_sub_batch(model, in_shape: Sequence[int], batch_size: int, memory_mb: int) -> int | None:
+class BatchWriter(Protocol):
+    """Takes a finished batch: ``samples`` fields (b,), per layer (clean, perturbed) (b, D)."""
+
+    def put(
+        self,
+        batch: int,
+        samples: Mapping[str, np.ndarray],
+        acts: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    ) -> None: ...
+
+
+class BatchStore(Protocol):
+    """What :func:`extract` needs of the store it fills (an :class:`advlens.store.ActivationStore`).
+
+    A protocol, not the class: the store is a later stage, which extract does not import.
+    """
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def layers(self) -> Sequence[str]: ...
+    @property
+    def stored_layers(self) -> Sequence[str]: ...
+    @property
+    def aliases(self) -> Mapping[str, str]: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def n_batches(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    def completed_batches(self) -> np.ndarray: ...
+    def batch_rows(self, batch: int) -> tuple[int, int]: ...
+    def writer(self, max_queue: int = 4) -> AbstractContextManager[BatchWriter]: ...
+
+
+def plan_sub_batch(
+    model: torch.nn.Module, in_shape: Sequence[int], batch_size: int, memory_mb: int
+) -> int | None:
     """Images per forward/backward pass so that the attack's working memory fits half of
     ``memory_mb``; None when a whole batch fits (or ``memory_mb`` is 0: no budget).
 
@@ -65,13 +108,13 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def extract(
-    model,
-    dataset,
-    attack,
-    store,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    attack: Callable[..., AttackResult],
+    store: BatchStore,
     layers: Sequence[str],
     *,
-    device,
+    device: torch.device | str,
     pool: str = "none",
     progress: bool = True,
     seed: int | None = None,

@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -202,7 +203,7 @@ def expected_forwards(attack: Any) -> int | None:
     return int(n_iter) * int(getattr(attack, "n_restarts", 1) or 1) * int(targets)
 
 
-def redirect_logging():
+def redirect_logging() -> contextlib.AbstractContextManager[None]:
     """Route log lines through ``tqdm.write`` while bars are shown, so they never cut a bar."""
 
     return logging_redirect_tqdm(loggers=[logging.getLogger()])

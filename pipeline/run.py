@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,23 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from advlens._env import device_name, versions
-from advlens._io import WRITTEN, record, remove_written
+from advlens._env import device_name, resolve_device, versions
+from advlens._io import WRITTEN, record, remove_written, slug
 from advlens._optional import HINTS
 from advlens._version import __version__
-from advlens.attacks import Unperturbed, check_finite, get_attack
+from advlens.attacks import Attack, Unperturbed, check_finite, get_attack
 from advlens.config import RunConfig, load, shaping_keys, store_identity
-from advlens.data import SOURCES, dataset_shape, load_dataset, stratified_sample
+from advlens.data import SOURCES, Dataset, dataset_shape, load_dataset, stratified_sample
 from advlens.embed import TSNEParams, get_engine, max_perplexity, resolve_engine
 from advlens.errors import ConfigError, StoreError
 from advlens.extract import extract, plan_queue, plan_sub_batch
 from advlens.kernels.metrics import auto_k
 from advlens.layer_task import LayerTask, run_layer_task
 from advlens.models import build_model, fingerprint, get_factory
-from advlens.models import resolve_device as check_device
 from advlens.models.taps import catalog, layer_aliases, select_layers
 from advlens.models.user import cwd_importable
-from advlens.reduce import resolve_device
 from advlens.report import summary, write_outputs
 from advlens.report.tables import read_task_row
 from advlens.schedule import check_plan, driver_device, plan_cluster, release_device, run_tasks
@@ -154,7 +153,13 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig, *, progress: bool = True, model=None, data=None) -> RunResult:
+def run(
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    model: torch.nn.Module | None = None,
+    data: Dataset | None = None,
+) -> RunResult:
     """Run every stage of ``cfg`` and return the metrics rows; resumes a killed run.
 
     ``model`` (an ``nn.Module``) and ``data`` (an :class:`advlens.data.Dataset`) replace the
@@ -320,7 +325,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str, order=Non
         LayerTask(
             store=str(path),
             run_dir=str(run_dir),
-            attack=_slug(a),
+            attack=slug(a),
             norm=norm,
             eps=eps,
             layer=layer,
@@ -359,7 +364,7 @@ def dry_run(cfg: RunConfig) -> str:
     stored = {name: w for name, w in widths.items() if name not in aliases}
     store_bytes = 2 * n * sum(stored.values()) * itemsize  # clean + perturbed, uncompressed
     stores = [
-        (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{_slug(a)}-{norm}.zarr")
+        (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{slug(a)}-{norm}.zarr")
         for a in cfg.attack.attack_names
         for norm in cfg.attack.norms
     ]
@@ -397,7 +402,9 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def build_attack(cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None):
+def build_attack(
+    cfg: RunConfig, name: str, norm: str, eps: float, sub_batch: int | None = None
+) -> Attack:
     """The attack ``name`` with ``cfg``'s budget; eps = 0 gives the unperturbed baseline.
     ``sub_batch``: images per forward/backward pass (:func:`advlens.extract.plan_sub_batch`)."""
 
@@ -417,7 +424,7 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
     ``model_given``: the caller passes its own ``nn.Module`` (the Python API), so
     ``model.name`` only labels it.
     """
-    check_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
+    resolve_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
     if not model_given:
         get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
@@ -477,7 +484,7 @@ def _importable(module: str) -> bool:
 
 
 def _model_and_data(cfg: RunConfig, model=None, data=None):
-    device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
+    device = driver_device(str(resolve_device(cfg.model.device)), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     if model is None:
@@ -488,7 +495,7 @@ def _model_and_data(cfg: RunConfig, model=None, data=None):
     return model, data, device
 
 
-def check_fit(model, data, device: str, name: str) -> None:
+def check_fit(model: torch.nn.Module, data: Dataset, device: str, name: str) -> None:
     """One sample's forward pass: a model that cannot take the data's images, or that
     returns no logits for every class, is a ConfigError naming both shapes."""
 
@@ -538,7 +545,9 @@ def _pick_samples(cfg: RunConfig, model, data, device: str):
     return data.subset(picked), accuracy
 
 
-def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
+def accuracy_record(
+    clean: float, n_split: int, stores: Sequence[tuple[str, str, float, Path]]
+) -> dict[str, Any]:
     """Clean accuracy on the split and robust accuracy per attack and norm: the share of the
     split still classified correctly under attack, clean x (1 - success rate), since only
     correctly classified images are attacked (a seeded sample of them)."""
@@ -546,7 +555,7 @@ def accuracy_record(clean: float, n_split: int, stores) -> dict[str, Any]:
     robust = {}
     for attack, norm, _eps, path in stores:
         success = ActivationStore.open(path).samples()["success"]
-        robust[f"{_slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
+        robust[f"{slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
     return {"clean": float(clean), "n_split": int(n_split), "robust": robust}
 
 
@@ -585,7 +594,7 @@ def _attack_and_extract(
         "model": cfg.model.name,
         "dataset": samples.name,
     }
-    path = cfg.output.run_dir / f"{_slug(attack_name)}-{norm}.zarr"
+    path = cfg.output.run_dir / f"{slug(attack_name)}-{norm}.zarr"
     store = ActivationStore.create(
         path,
         n=len(samples.labels),
@@ -597,6 +606,7 @@ def _attack_and_extract(
         aliases=aliases,
     )
     if not store.is_complete():
+        itemsize = np.dtype(cfg.output.dtype).itemsize
         extract(
             model,
             samples,
@@ -608,18 +618,9 @@ def _attack_and_extract(
             progress=progress,
             seed=a.seed,
             sub_batch=sub_batch,
-            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * _itemsize(cfg),
-                                 a.memory_mb),
+            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * itemsize, a.memory_mb),
         )  # fmt: skip
     return path
-
-
-def _itemsize(cfg: RunConfig) -> int:
-    return 2 if cfg.output.dtype == "float16" else 4
-
-
-def _slug(name: str) -> str:
-    return name.replace(":", "-").replace("/", "-").lower()
 
 
 def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, Any]:

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import json
 import logging
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from advlens._io import atomic_write, write_json
 from advlens.config import ADVERSARIAL, AdvRecipe
-from advlens.data import load_dataset
+from advlens.data import Dataset, load_dataset
 from advlens.errors import ConfigError
 from advlens.models.small_cnn import (
     TRAINABLE,
@@ -69,7 +68,13 @@ __all__ = [
 MIN_ACCURACY = {"fashion-mnist": 0.88}
 
 
-def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: AdvRecipe,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Madry et al.'s PGD: random start, signed-gradient ascent steps, projection to the eps ball
     and to [0, 1]. Uses (and so advances) torch's global RNG, seeded by the caller."""
     eps, alpha = recipe.eps, 2.5 * recipe.eps / recipe.steps
@@ -83,8 +88,8 @@ def pgd_linf(model, x, y, recipe: AdvRecipe, loss_fn):
 
 
 def train_small_cnn(
-    ds_train,
-    ds_test=None,
+    ds_train: Dataset,
+    ds_test: Dataset | None = None,
     *,
     epochs: int = 4,
     seed: int = 0,
@@ -93,7 +98,7 @@ def train_small_cnn(
     lr: float = 2e-3,
     progress: bool = False,
     adversarial: AdvRecipe | None = None,
-):
+) -> tuple[SmallCNN, float]:
     """Train :class:`~advlens.models.small_cnn.SmallCNN` with Adam and a one-cycle schedule;
     on PGD adversarial examples of each batch with ``adversarial`` (:func:`pgd_linf`).
 
@@ -139,7 +144,9 @@ def train_small_cnn(
     return model, acc
 
 
-def evaluate(model, ds, *, batch_size: int = 1000, device: str = "cpu") -> float:
+def evaluate(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 1000, device: str = "cpu"
+) -> float:
     """Top-1 accuracy of ``model`` on dataset ``ds``."""
     correct = 0
     with torch.no_grad():
@@ -236,9 +243,7 @@ def _train_and_save(
             100 * acc,
             100 * floor,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
+    state = model.state_dict()
     meta = {
         "model": "small-cnn",
         "dataset": dataset,
@@ -250,10 +255,8 @@ def _train_and_save(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    side_tmp = tmp.with_suffix(".json.tmp")
-    side_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    os.replace(side_tmp, path.with_suffix(".json"))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # readers: the old or the new file
+    write_json(path.with_suffix(".json"), meta)
     log.info("saved %s (test accuracy %.2f%%, %.0f s)", path, 100 * acc, seconds)
 
 

@@ -166,14 +166,19 @@ def test_bad_input_is_refused_before_any_attack(tmp_path, files, capsys, extra, 
     assert not list(tmp_path.rglob("*.zarr")), "the attack started"
 
 
+# Each case is also refused in process above; a real process (exit status, logging set up by
+# main) costs a fresh interpreter and torch import, so `make test` runs one, `make test-all` all.
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--set", "data.n=2"], "data.n"),
-        (["--set", "model.checkpoint='{f}/evil.pt'"], "not a weights-only file"),
-        (["--workers", "-1"], "schedule.workers"),
+        pytest.param(
+            ["--set", "model.checkpoint='{f}/evil.pt'"], "not a weights-only file",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["--workers", "-1"], "schedule.workers", marks=pytest.mark.slow),
     ],
-)
+)  # fmt: skip
 def test_bad_input_from_a_real_process(tmp_path, files, extra, needle):
     args = _args(tmp_path, files, extra)
     proc = subprocess.run(

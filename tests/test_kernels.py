@@ -183,19 +183,33 @@ def test_knn2d_bad_input() -> None:
         knn2d(np.zeros((5, 2), dtype=complex), 2)
 
 
-def test_knn2d_dtypes_and_torch_cpu() -> None:
-    import torch
+def _cupy_for_torch_cuda(xp) -> None:
+    """The 2-D kernel and the metrics reach torch CUDA tensors through cupy (DLPack)."""
+    if xp.name == "torch-cuda":
+        pytest.importorskip("cupy", reason="2-D kNN on torch CUDA tensors runs the cupy kernel")
 
+
+def _cases_2d():
+    """Continuous float32, integer points with many exact ties (float64), an int64 array."""
     rng = np.random.default_rng(3)
-    xy = rng.normal(size=(300, 2)).astype(np.float32)
-    idx, dist = knn2d(xy, 5)
-    assert dist.dtype == np.float32
-    np.testing.assert_array_equal(idx, oracle(xy, 5)[0])  # ordered by the float64 distances
-    t_idx, t_dist = knn2d(torch.from_numpy(xy), 5)
-    assert isinstance(t_idx, torch.Tensor) and t_dist.dtype == torch.float32
-    np.testing.assert_array_equal(t_idx.numpy(), idx)
-    ints = rng.integers(0, 5, size=(50, 2))
-    np.testing.assert_array_equal(knn2d(ints, 4)[0], oracle(ints.astype(float), 4)[0])
+    yield "float32", rng.normal(size=(300, 2)).astype(np.float32), 5
+    yield "ties", rng.integers(0, 12, size=(400, 2)).astype(np.float64), 12
+    yield "int64", rng.integers(0, 5, size=(50, 2)), 4
+
+
+def test_knn2d_every_backend_equals_the_reference(xp) -> None:
+    """Every array type gets its own type back, float32 distances for float32 points, and the
+    NumPy grid reference's neighbours and distances bit for bit (ties by index: cKDTree)."""
+    _cupy_for_torch_cuda(xp)
+    for name, xy, k in _cases_2d():
+        idx, dist = knn2d(xp.asarray(xy), k)
+        assert xp.is_type(idx) and xp.is_type(dist), name
+        want_i, want_d = knn2d_reference(xy.astype(np.float64), k)
+        np.testing.assert_array_equal(want_i, oracle(xy, k)[0], err_msg=name)
+        np.testing.assert_array_equal(xp.to_numpy(idx), want_i, err_msg=name)
+        got_d = xp.to_numpy(dist)
+        assert got_d.dtype == (np.float32 if xy.dtype == np.float32 else np.float64), name
+        np.testing.assert_array_equal(got_d, want_d.astype(got_d.dtype), err_msg=name)
 
 
 # -- the CUDA source, compiled for the CPU ----------------------------------------------
@@ -332,22 +346,66 @@ def test_bruteforce_blocks_do_not_shrink_with_n() -> None:
     assert block_shape(5, 4, 3, 1 << 24) == (5, 5)
 
 
-def test_knn_highdim_dispatch_and_errors() -> None:
-    import torch
-
+def test_knn_highdim_every_backend_and_errors(xp) -> None:
+    """knn keeps the array type, returns float32 distances for float32 points, and equals the
+    oracle on continuous data (cKDTree) and on integer points full of ties; bad k and
+    non-finite points are refused on every backend."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=(500, 30)).astype(np.float32)
-    idx, dist = knn(x, 7)
-    assert idx.shape == (500, 7) and dist.dtype == np.float32
+    idx, dist = knn(xp.asarray(x), 7)
+    assert xp.is_type(idx) and xp.is_type(dist)
+    assert idx.shape == (500, 7) and xp.to_numpy(dist).dtype == np.float32
     d_ref, i_ref = cKDTree(x.astype(np.float64)).query(x.astype(np.float64), 8)
-    np.testing.assert_array_equal(idx, i_ref[:, 1:])
-    t_idx, _ = knn(torch.from_numpy(x), 7)
-    np.testing.assert_array_equal(t_idx.numpy(), idx)
+    np.testing.assert_array_equal(xp.to_numpy(idx), i_ref[:, 1:])
+    np.testing.assert_allclose(xp.to_numpy(dist), d_ref[:, 1:], rtol=1e-6)
+    ints = rng.integers(0, 3, size=(300, 8)).astype(np.float64)
+    idx, dist = knn(xp.asarray(ints), 5)
+    want_i, want_d = oracle(ints, 5)
+    np.testing.assert_array_equal(xp.to_numpy(idx), want_i)
+    np.testing.assert_allclose(xp.to_numpy(dist), want_d, rtol=1e-12)
     with pytest.raises(ConfigError, match="k = 500"):
-        knn(x, 500)
+        knn(xp.asarray(x), 500)
     x[7, 3] = np.inf
     with pytest.raises(DataError, match="NaN or inf"):
-        knn(x, 3)
+        knn(xp.asarray(x), 3)
+
+
+def _per_point_oracle(idx: np.ndarray, flags: np.ndarray, k: int, variant: str) -> np.ndarray:
+    """docs/design.md's per-point values, one point at a time."""
+    n = len(idx) // 2
+    out = np.empty(len(idx))
+    for i, row in enumerate(idx[:, :k]):
+        share = np.mean(flags[row] != flags[i])
+        if variant == "overlap":
+            out[i] = float(share > 0)
+        elif variant == "mixing":
+            out[i] = min(share / 0.5, 1.0)
+        else:
+            out[i] = float((i + n) % (2 * n) in row)
+    return out
+
+
+def test_metrics_every_backend_equals_the_oracle(xp) -> None:
+    """kernels.metrics on each backend's neighbour table (through ``to_backend``, as the overlap
+    stage calls it) equals the loop oracle for every variant and several k."""
+    _cupy_for_torch_cuda(xp)
+    from advlens.kernels._arrays import to_backend, to_numpy
+    from advlens.kernels.metrics import other_set, per_point
+
+    rng = np.random.default_rng(9)
+    n = 200
+    clean = rng.normal(size=(n, 2))
+    pts = np.r_[clean, clean + 0.3 + 0.1 * rng.normal(size=(n, 2))]
+    flags = np.repeat([False, True], n)
+    table, _ = knn2d(pts, 25)
+    idx, ns, _ = to_backend(xp.asarray(table), "metrics")
+    other = other_set(idx, ns.asarray(flags), ns)
+    for variant in ("overlap", "mixing", "pair"):
+        for k in (1, 4, 25):
+            got = to_numpy(per_point(variant, idx, other, k, ns))
+            assert got.dtype == np.float64
+            want = _per_point_oracle(table, flags, k, variant)
+            np.testing.assert_array_equal(got, want, err_msg=f"{variant} k={k}")
 
 
 # -- GPU: the CUDA kernel and the torch brute force against the CPU --------------------
@@ -363,16 +421,14 @@ def _gpu_cases():
     yield "clustered", xy.astype(np.float32)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 10, 64])
-def test_gpu_knn2d_equals_reference(k) -> None:
-    cp = pytest.importorskip("cupy")
+def test_gpu_knn2d_equals_reference(k, gpu_xp) -> None:
     for name, xy in _gpu_cases():
-        idx, dist = knn2d(cp.asarray(xy), k)
+        idx, dist = knn2d(gpu_xp.asarray(xy), k)
         want_i, want_d = knn2d(xy, k, method="grid")
-        assert isinstance(idx, cp.ndarray), name
-        np.testing.assert_array_equal(idx.get(), want_i, err_msg=name)
-        np.testing.assert_array_equal(dist.get(), want_d, err_msg=name)
+        assert gpu_xp.is_type(idx) and gpu_xp.is_type(dist), name
+        np.testing.assert_array_equal(gpu_xp.to_numpy(idx), want_i, err_msg=name)
+        np.testing.assert_array_equal(gpu_xp.to_numpy(dist), want_d, err_msg=name)
 
 
 @pytest.mark.gpu
@@ -393,19 +449,16 @@ def test_gpu_knn2d_torch_cuda_and_borders() -> None:
     np.testing.assert_array_equal(g_idx.get(), oracle(xy, 12)[0])
 
 
-@pytest.mark.gpu
-def test_gpu_knn_highdim_equals_cpu() -> None:
-    import torch
-
+def test_gpu_knn_highdim_equals_cpu(gpu_xp) -> None:
     rng = np.random.default_rng(8)
     x = rng.normal(size=(6000, 50))
-    idx, dist = knn(torch.from_numpy(x).cuda(), 10)
+    idx, dist = knn(gpu_xp.asarray(x), 10)
     want_i, want_d = knn(x, 10)
-    np.testing.assert_array_equal(idx.cpu().numpy(), want_i)
-    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-12)
+    np.testing.assert_array_equal(gpu_xp.to_numpy(idx), want_i)
+    np.testing.assert_allclose(gpu_xp.to_numpy(dist), want_d, rtol=1e-12)
     ints = rng.integers(0, 3, size=(800, 8)).astype(np.float64)
     np.testing.assert_array_equal(
-        knn(torch.from_numpy(ints).cuda(), 5)[0].cpu().numpy(), oracle(ints, 5)[0]
+        gpu_xp.to_numpy(knn(gpu_xp.asarray(ints), 5)[0]), oracle(ints, 5)[0]
     )
 
 

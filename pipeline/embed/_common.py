@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import trustworthiness as sk_trust
 from sklearn.neighbors import NearestNeighbors
 
+from advlens.embed.base import KnnGraph, TSNEParams
 from advlens.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 INIT_STD = 1e-4  # scale of every initial map (openTSNE, scikit-learn and cuML agree on it)
 
 
-def learning_rate(params, n: int) -> float:
+def learning_rate(params: TSNEParams, n: int) -> float:
     """The learning rate in openTSNE's units: ``"auto"`` -> n / early_exaggeration."""
     if params.learning_rate == "auto":
         return float(n) / float(params.early_exaggeration)
@@ -45,7 +47,7 @@ def graph_columns(perplexity: float, n: int) -> int:
     return int(min(n - 1, int(3 * perplexity) + 1))
 
 
-def initial_positions(x: np.ndarray, params) -> np.ndarray:
+def initial_positions(x: np.ndarray, params: TSNEParams) -> np.ndarray:
     """The starting map (n, 2) float64 for ``params.init`` and ``params.seed``."""
     n = x.shape[0]
     rng = np.random.RandomState(params.seed)
@@ -70,8 +72,8 @@ def knn_graph(
     *,
     perplexity: float = 30.0,
     n_jobs: int = -1,
-    dtype=np.float32,
-) -> tuple[np.ndarray, np.ndarray]:
+    dtype: type[np.floating[Any]] = np.float32,
+) -> KnnGraph:
     """Exact k nearest neighbours of every row of ``x`` (itself excluded), nearest first.
 
     Parameters
@@ -98,7 +100,7 @@ def knn_graph(
     return idx.astype(np.int64, copy=False), dist.astype(dtype, copy=False)
 
 
-def check_knn(knn, n: int, k: int, engine: str) -> tuple[np.ndarray, np.ndarray]:
+def check_knn(knn: Any, n: int, k: int, engine: str) -> KnnGraph:
     """Validate a precomputed ``(idx, dist)`` graph and return its first ``k`` columns."""
     try:
         idx, dist = knn

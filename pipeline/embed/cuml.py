@@ -78,7 +78,9 @@ def _parameters(cls) -> set[str]:
         return set()
 
 
-def graph_layout(idx: np.ndarray, dist: np.ndarray, *, self_first: bool):
+def graph_layout(
+    idx: np.ndarray, dist: np.ndarray, *, self_first: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``(indices, distances)`` pair cuML expects from a self-free kNN graph (n, k).
 
     ``self_first`` (cuML >= 26.08): column 0 holds each point itself at distance 0, then its

@@ -91,7 +91,7 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(model, path: str | Path, ignore: tuple[str, ...] = ()) -> None:
+def load_checkpoint(model: nn.Module, path: str | Path, ignore: tuple[str, ...] = ()) -> None:
     """Load the state dict at ``path`` into ``model`` strictly, naming mismatched keys.
 
     Keys starting with one of ``ignore`` are dropped first (parts the forward never uses).

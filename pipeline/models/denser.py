@@ -22,6 +22,7 @@ import base64
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advlens._optional import require
+from advlens.config import ModelConfig
 from advlens.data import load_dataset
 from advlens.errors import ConfigError
 
@@ -51,7 +53,7 @@ MEAN_FILES = ("{stem}.mean.npy", "{stem}_mean.npy", "mean.npy", "x_mean.npy")
 # --------------------------------------------------------------------------- activations
 
 
-def activation(name) -> nn.Module:
+def activation(name: str | dict[str, Any] | None) -> nn.Module:
     """Keras activation (string or serialized dict) as a module; softmax over channels."""
     if isinstance(name, dict):  # Keras 3 may serialize {"class_name": "function", "config": "relu"}
         name = name.get("config") if isinstance(name.get("config"), str) else name.get("class_name")
@@ -370,7 +372,14 @@ def lambda_op(cfg: dict, mapped: str | None = None) -> str:
 class KerasNet(nn.Module):
     """A Keras functional graph run in NCHW, with the input preprocessing inside."""
 
-    def __init__(self, nodes, input_name: str, output_name: str, in_shape, mean: np.ndarray | None):
+    def __init__(
+        self,
+        nodes: list[tuple[str, str, nn.Module, list[str]]],
+        input_name: str,
+        output_name: str,
+        in_shape: tuple[int, ...],
+        mean: np.ndarray | None,
+    ):
         super().__init__()
         self.graph: list[tuple[str, str, list[str]]] = []  # (keras name, attribute, inputs)
         taps, auto = [], []
@@ -469,7 +478,7 @@ def _input_shape(layer: dict) -> tuple[int, ...] | None:
 
 def load_denser(
     path: str | Path,
-    mean=None,
+    mean: np.ndarray | float | str | Path | None = None,
     *,
     strip_softmax: bool = True,
     lambda_map: dict[str, str] | None = None,
@@ -653,7 +662,14 @@ def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
     return train.images.mean(axis=0, dtype=np.float64).astype(np.float32).transpose(1, 2, 0)
 
 
-def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
+def build(
+    cfg: ModelConfig,
+    dataset: str,
+    in_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    weights: bool = True,
+) -> nn.Module:
     """The DENSER network in ``cfg.checkpoint`` (a Keras .h5/.hdf5 file)."""
     if not cfg.checkpoint:
         raise ConfigError(

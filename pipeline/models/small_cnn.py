@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advlens.config import AdvRecipe
+from advlens.config import AdvRecipe, ModelConfig
 from advlens.errors import ConfigError
 from advlens.models.base import load_checkpoint
 
@@ -50,7 +50,12 @@ class SmallCNN(nn.Module):
 
 
 def build(
-    cfg: Any, dataset: str, in_shape: tuple[int, ...], n_classes: int, *, weights: bool = True
+    cfg: ModelConfig,
+    dataset: str,
+    in_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    weights: bool = True,
 ) -> nn.Module:
     """The small CNN with ``cfg.checkpoint`` or, without one, the cached trained weights.
 

@@ -13,11 +13,13 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from advlens._optional import require
+from advlens.config import ModelConfig
 from advlens.errors import ConfigError
 from advlens.models.base import load_checkpoint
 
@@ -28,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Normalized(nn.Module):
     """``model((x - mean) / std)`` for [0, 1] inputs; taps keep the inner model's names."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -60,7 +62,14 @@ def cwd_importable() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
+def build(
+    cfg: ModelConfig,
+    dataset: str,
+    in_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    weights: bool = True,
+) -> nn.Module:
     """Build ``cfg.name`` = ``module:factory`` / ``torchvision:name`` / ``timm:name``."""
     module_name, _, attr = cfg.name.partition(":")
     if module_name in ("torchvision", "timm"):

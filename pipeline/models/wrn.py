@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advlens.config import ModelConfig
 from advlens.errors import ConfigError
 from advlens.models.base import WRN_NAME, load_checkpoint
 
@@ -106,7 +107,14 @@ class WideResNet(nn.Module):
         return self.fc(out.view(-1, self.nChannels))
 
 
-def build(cfg, dataset: str, in_shape, n_classes: int, *, weights: bool = True) -> nn.Module:
+def build(
+    cfg: ModelConfig,
+    dataset: str,
+    in_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    weights: bool = True,
+) -> nn.Module:
     """A WideResNet named ``wrn-<depth>-<width>`` loading ``cfg.checkpoint`` (required)."""
     m = WRN_NAME.match(cfg.name)
     depth, width = (int(m.group(1)), int(m.group(2))) if m else (28, 10)

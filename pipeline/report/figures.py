@@ -16,16 +16,18 @@ rotated layer names whose size and stride keep them readable for 40+ layers.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps, rc_context
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from advlens._io import atomic_write
 from advlens.report.tables import ARTEFACT_GAP, TaskMap
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#ff7f0e", "l1": "#9467bd"}
@@ -46,15 +48,6 @@ RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of an attack, norm or layer name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
 def short(name: str, width: int = 24) -> str:
@@ -66,7 +59,7 @@ def norm_color(norm: str) -> str:
     return NORM_COLORS.get(str(norm).lower(), "#7f7f7f")
 
 
-def series_label(attack: str, norm: str, eps, several_attacks: bool) -> str:
+def series_label(attack: str, norm: str, eps: float | None, several_attacks: bool) -> str:
     text = NORM_LABELS.get(norm, str(norm))
     if eps is not None:
         text += f" ε={eps:.3g}"
@@ -92,7 +85,7 @@ def _tick_font(n_layers: int, width: float) -> tuple[float, int]:
     return fs, stride
 
 
-def layer_axis(ax, layers: Sequence[str], width: float) -> None:
+def layer_axis(ax: Axes, layers: Sequence[str], width: float) -> None:
     """Put (shortened, rotated, strided) layer names on the x axis."""
     n = len(layers)
     fs, stride = _tick_font(n, width)
@@ -205,15 +198,24 @@ def plot_series(
             ax.set_title(title)
         if series:
             ax.legend(frameon=False, ncol=1 if len(series) <= 3 else 2, loc="best")
-        return _save(fig, out)
+        return save(fig, out)
 
 
-def layer_curve(agg, layers, out, *, metric: str = "overlap", title: str | None = None) -> Path:
+def layer_curve(
+    agg: Sequence[dict],
+    layers: Sequence[str],
+    out: str | Path,
+    *,
+    metric: str = "overlap",
+    title: str | None = None,
+) -> Path:
     """The paper's Figure 2: ``metric`` per layer per attack x norm, +-std bands over repeats."""
     return plot_series(agg_series(agg, layers, metric), layers, out, ylabel=metric, title=title)
 
 
-def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
+def detector_figure(
+    agg: Sequence[dict], layers: Sequence[str], out: str | Path, *, threshold: float = 0.95
+) -> Path:
     """kNN-detector ROC AUC per layer (clean vs perturbed on the reduced points)."""
     series = agg_series(agg, layers, "auc")
     low = min([float(np.nanmin(s.y)) for s in series if np.isfinite(s.y).any()], default=0.5)
@@ -221,7 +223,7 @@ def detector_figure(agg, layers, out, *, threshold: float = 0.95) -> Path:
     return plot_series(series, layers, out, ylabel="detector AUC", ylim=ylim, threshold=threshold)
 
 
-def artefact_figure(agg, layers, out) -> Path:
+def artefact_figure(agg: Sequence[dict], layers: Sequence[str], out: str | Path) -> Path:
     """The reported statistic, calibrated, on the 2-D map (solid) beside that on the 50-D
     reduced points (dashed); crosses mark layers where the two differ by more than
     :data:`~advlens.report.tables.ARTEFACT_GAP` (a t-SNE artefact flag). Calibrated overlap
@@ -274,7 +276,7 @@ def _draw_overlap_map(ax, m: TaskMap) -> None:
         ax.scatter(*m.xy[sel].T, s=s * 1.4, c=color, lw=0, rasterized=True)
 
 
-def maps_figure(maps: Sequence[TaskMap], out, *, title: str | None = None) -> Path:
+def maps_figure(maps: Sequence[TaskMap], out: str | Path, *, title: str | None = None) -> Path:
     """The paper's Figure 3: every layer's joint map; overlapping points grey, the rest green
     (clean) or red (perturbed). Panel titles give the layer and its overlap."""
     ncols, nrows = _grid(len(maps))
@@ -297,7 +299,7 @@ def maps_figure(maps: Sequence[TaskMap], out, *, title: str | None = None) -> Pa
         fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def class_names(n: int, classes: Sequence[str] | None = None) -> list[str]:
@@ -330,7 +332,13 @@ def _label_legend(fig, names, colors, ncol: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
 
 
-def label_map(m: TaskMap, out, *, classes: Sequence[str] | None = None, title=None) -> Path:
+def label_map(
+    m: TaskMap,
+    out: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """The paper's Figure 4: one layer's map coloured by true label (clean dots, perturbed x)."""
     n_classes = int(np.max(m.labels)) + 1 if len(m.labels) else 1
     names, colors = class_names(n_classes, classes), _class_colors(n_classes)
@@ -347,10 +355,16 @@ def label_map(m: TaskMap, out, *, classes: Sequence[str] | None = None, title=No
         _draw_label_map(ax, m, colors)
         _map_axis(ax, title or f"{m.row['layer']} (coloured by true label)")
         _label_legend(fig, names[:n_classes], colors, ncol=4)
-        return _save(fig, out)
+        return save(fig, out)
 
 
-def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Path:
+def labels_grid(
+    maps: Sequence[TaskMap],
+    out: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """Every layer's map coloured by true label, in one grid."""
     n_classes = max(int(np.max(m.labels)) + 1 for m in maps) if maps else 1
     names, colors = class_names(n_classes, classes), _class_colors(n_classes)
@@ -366,11 +380,11 @@ def labels_grid(maps: Sequence[TaskMap], out, *, classes=None, title=None) -> Pa
         _label_legend(fig, names[:n_classes], colors, ncol=min(6, n_classes + 2))
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- sweeps and breakdowns
-def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
+def k_sweep_figure(sweeps: dict, layers: Sequence[str], out: str | Path) -> Path:
     """Overlap per layer for each k of the sweep; one panel per (attack, norm).
 
     ``sweeps`` maps (attack, norm) -> {layer: {k: overlap}}.
@@ -396,10 +410,12 @@ def k_sweep_figure(sweeps: dict, layers: Sequence[str], out) -> Path:
             ax.set_title(f"{key[0]} {NORM_LABELS.get(key[1], key[1])}", color=norm_color(key[1]))
             ax.legend(frameon=False, ncol=len(ks), loc="lower left")
         layer_axis(axes[-1], layers, w)
-        return _save(fig, out)
+        return save(fig, out)
 
 
-def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None) -> Path:
+def per_class_figure(
+    tables: dict, out: str | Path, *, classes: Sequence[str] | None = None
+) -> Path:
     """Heat map of overlap per true class (columns) per layer (rows), one panel per
     (attack, norm). ``tables`` maps (attack, norm) -> (layer names, matrix (L, C))."""
     keys = sorted(tables)
@@ -426,7 +442,7 @@ def per_class_figure(tables: dict, out, *, classes: Sequence[str] | None = None)
                                 color="white" if v < 0.55 else "black")  # fmt: skip
         if im is not None:
             fig.colorbar(im, ax=list(axes), shrink=0.8, label="overlap")
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -434,13 +450,9 @@ def _rc():
     return rc_context(RC)
 
 
-def _save(fig: Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
+def save(fig: Figure, out: str | Path, **kwargs: Any) -> Path:
+    """Write ``fig`` as PNG to ``out`` atomically (``kwargs`` for ``savefig``, e.g. ``dpi``)."""
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 # ---------------------------------------------------------------- eps sweep
@@ -467,13 +479,13 @@ def _layer_lines(ax, rows: Sequence[dict], x_key: str, xlabel: str) -> None:
     ax.legend(fontsize=4, ncol=2)
 
 
-def eps_curve_figure(layers: Sequence[dict], out) -> Path:
+def eps_curve_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Calibrated overlap against eps, one line per layer (from (0, 1)), one panel per
     attack x norm; the dotted line is the radius threshold 1/2."""
     return _sweep_figure(layers, out, "eps", "eps")
 
 
-def matched_success_figure(layers: Sequence[dict], out) -> Path:
+def matched_success_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Calibrated overlap against the attack success rate (the matched-success view)."""
     return _sweep_figure(layers, out, "success_rate", "attack success rate")
 
@@ -485,10 +497,10 @@ def _sweep_figure(layers: Sequence[dict], out, x: str, xlabel: str) -> Path:
         for ax, (g, rows) in zip(axes, groups.items(), strict=False):
             _layer_lines(ax, rows, x, xlabel)
             ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
-        return _save(fig, out)
+        return save(fig, out)
 
 
-def radius_figure(layers: Sequence[dict], out) -> Path:
+def radius_figure(layers: Sequence[dict], out: str | Path) -> Path:
     """Robustness radius per layer (eps at which the calibrated overlap falls below 1/2), one
     line per attack x norm; open markers at the largest eps: not reached there."""
     with _rc():
@@ -507,4 +519,4 @@ def radius_figure(layers: Sequence[dict], out) -> Path:
             ax.set_xticks(x, [short(d["layer"], 14) for d in rows], rotation=45, ha="right")
         ax.set(ylabel="radius (eps at calibrated overlap 1/2)")
         ax.legend()
-        return _save(fig, out)
+        return save(fig, out)

@@ -181,7 +181,9 @@ def majority_neighbour_class(m: TaskMap, k: int) -> np.ndarray:
     return counts.argmax(1)
 
 
-def build_source(maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None):
+def build_source(
+    maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None
+) -> tuple[ColumnDataSource, list[str]]:
     """The one ColumnDataSource every layer's figure of one (attack, norm) draws from."""
 
     n = len(maps[0].xy) // 2
@@ -224,10 +226,12 @@ def point_size(n_points: int) -> float:
     return float(np.clip(16 * n_points**-0.17, 2.5, 9))
 
 
-def map_panel(maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None, key: str):
+def map_panel(
+    maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None, key: str
+) -> tuple[bm.RadioButtonGroup, bm.Div, list[figure], list[str]]:
     """Models for one (attack, norm): colour switch, selection panel, one figure per layer.
 
-    Returns (controls, panel, figures) as Bokeh models of one document.
+    Returns (controls, panel, figures, class names): Bokeh models of one document.
     """
 
     src, names = build_source(maps, samples, classes)
@@ -292,7 +296,7 @@ def map_panel(maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | N
 
 
 # ---------------------------------------------------------------- the layer curve
-def curve_figure(agg: Sequence[dict], layers: Sequence[str], *, metric: str = "overlap"):
+def curve_figure(agg: Sequence[dict], layers: Sequence[str], *, metric: str = "overlap") -> figure:
     """Overlap per layer per (attack, norm) with its interval as a band, k and N in the title:
     a one-map interval is the bootstrap over points, a repeated map's the bootstrap of the mean
     over repeats."""

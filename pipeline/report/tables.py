@@ -188,7 +188,9 @@ def layer_order(rows: Iterable[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------- aggregation
-def bootstrap_mean(values: np.ndarray, *, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0):
+def bootstrap_mean(
+    values: np.ndarray, *, n_boot: int = N_BOOT, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (seeded)."""
     values = np.asarray(values, dtype=float)
     if values.size < 2:

@@ -39,7 +39,7 @@ class StoreIntegrity(StoreLayout):
         try:
             return np.asarray(self._read("progress/batches", slice(None)), dtype=bool)
         except StoreError:
-            out = np.zeros(self.n_batches, dtype=bool)
+            out: np.ndarray = np.zeros(self.n_batches, dtype=bool)
             for b in range(self.n_batches):
                 try:
                     out[b] = bool(self._read("progress/batches", slice(b, b + 1))[0])
@@ -84,7 +84,7 @@ class StoreIntegrity(StoreLayout):
                 )  # fmt: skip
                 bad.append(b)
         if bad:
-            progress = _zarr.open_group(self.path, "r+")["progress/batches"]
+            progress = _zarr.open_array(self.path, "progress/batches", "r+")
             for b in bad:
                 progress[b] = False
                 manifest_path(self.path, b).unlink(missing_ok=True)
