@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.array_spec import ArrayConfigParams
+
+from advlens.errors import StoreError
 
 CLEVEL = 1
 METADATA = "zarr.json"  # a group's or array's metadata file
 # Every written batch leaves a file, even one of fill values: a missing file is damage.
-_WRITE_CONFIG = {"write_empty_chunks": True}
+_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr.open_group's modes
 
 
 def codecs() -> list[Any]:
@@ -47,7 +51,7 @@ def metadata_mtime(path: Path) -> int:
     return (path / METADATA).stat().st_mtime_ns
 
 
-def open_group(path: Path, mode: str = "r") -> zarr.Group:
+def open_group(path: Path, mode: Mode = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
@@ -85,8 +89,15 @@ def create_array(
 
 def writable(group: zarr.Group, name: str) -> zarr.Array:
     """Array ``name`` of ``group``, set to write every chunk (see ``_WRITE_CONFIG``)."""
-    return group[name].with_config(_WRITE_CONFIG)
+    return _array(group, name).with_config(_WRITE_CONFIG)
 
 
-def open_array(path: str | Path, name: str) -> zarr.Array:
-    return zarr.open_group(str(path), mode="r")[name]
+def open_array(path: str | Path, name: str, mode: Mode = "r") -> zarr.Array:
+    return _array(zarr.open_group(str(path), mode=mode), name)
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):  # a damaged store: a group where an array belongs
+        raise StoreError(f"{name} in {group.store} is a group, not an array")
+    return node
