@@ -107,9 +107,9 @@ def main() -> int:
     args = parse_args()
     import torch
 
+    from advlens._env import resolve_device
     from advlens.attacks import get_attack
     from advlens.config import DEFAULT_EPS
-    from advlens.models import resolve_device
 
     device = resolve_device(args.device)
     model, dataset, in_shape = build(args.model, device)

@@ -66,7 +66,7 @@ def phases(out: Path) -> list[tuple[str, float, list[str], dict[str, str]]]:
         ("tsne-70k", 130, [py, f"{b}/tsne_engine.py", "--n", "70000", "--threads", "16",
                            "--out", str(out / "tsne_engine_70k.json")], {}),
         ("tsne-2m", 90, [py, f"{b}/tsne_engine.py", "--n", "2000000", "--data", "synthetic",
-                         "--skip-opentsne", "--recall-sample", "2000", "--compile",
+                         "--skip-opentsne", "--recall-sample", "2000",
                          "--out", str(out / "tsne_engine_2m.json")], {}),
         ("overlap", 40, [py, f"{b}/overlap_kernel.py", "--sizes", "200000", "2000000",
                          "--numpy-max", "200000", "--out", str(out / "overlap_kernel.json")], {}),

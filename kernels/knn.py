@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from advlens._env import has_cuda
 from advlens._optional import has
 from advlens.errors import ConfigError, closest
 from advlens.kernels._arrays import check_k, check_points, is_cupy, is_torch, to_backend
@@ -112,7 +113,7 @@ def gpu_available(what: str) -> bool:
             return cp.cuda.runtime.getDeviceCount() > 0
         except Exception:  # no driver: cupy imports but cannot see a device
             return False
-    return bool(torch.cuda.is_available())
+    return has_cuda()
 
 
 def place(x: Any, device: str, what: str) -> Any:

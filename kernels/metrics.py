@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import hypergeom
 
-VARIANTS = ("overlap", "mixing", "pair", "share")
+from advlens.config import OVERLAP_VARIANTS as VARIANTS
+
 TWIN_FREE = ("share",)  # variants that search one neighbour more and leave the twin out
 AUTO_K_PER_SAMPLE = (
     0.01  # k = "auto": k = round(0.01 * N) = 0.5 % of the 2N points; N = 1,000 -> 10

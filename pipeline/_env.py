@@ -1,4 +1,5 @@
-"""What machine and libraries a result came from: for benchmarks' JSON and run provenance."""
+"""The machine: which device runs the work (the one device resolver), and what machine and
+libraries a result came from (for benchmarks' JSON and run provenance)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,35 @@ import platform
 from pathlib import Path
 
 import torch
+
+from advlens.errors import ConfigError
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU: every "auto" device choice asks this."""
+    return bool(torch.cuda.is_available())
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs torch sees."""
+    return int(torch.cuda.device_count())
+
+
+def resolve_device(name: str = "auto", setting: str = "model.device") -> torch.device:
+    """``auto`` -> the first CUDA GPU when there is one, else the CPU; another name is checked.
+
+    A name torch does not know, or a CUDA device on a machine without one, is a ConfigError
+    naming ``setting`` (the setting the name came from).
+    """
+    if name == "auto":
+        return torch.device("cuda" if has_cuda() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{setting} = {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not has_cuda():
+        raise ConfigError(f"{setting} = {name!r} but no CUDA GPU is visible; use cpu or auto")
+    return device
 
 
 def cpu_name() -> str:

@@ -1,4 +1,5 @@
-"""Small file helpers: atomic, durable writes, and the record of the files a run wrote.
+"""Small file helpers: atomic, durable writes (the only way advlens replaces a file), the one
+JSON converter, file-name slugs, and the record of the files a run wrote.
 
 A run folder's ``.advlens-written`` lists, one relative path a line, every file advlens wrote
 there (recorded just before it is written). advlens deletes only files on that list, so a
@@ -10,8 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ def fsync_dir(path: str | Path) -> None:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON (NumPy scalars and arrays converted)."""
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
+    text = json.dumps(obj, indent=2, default=json_default, allow_nan=True)
     return atomic_write(path, (text + "\n").encode())
 
 
@@ -134,11 +136,39 @@ def _rel(run_dir: Path, path: str | Path) -> str:
     return path.as_posix()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
+def jsonable(obj: Any) -> Any:
+    """``obj`` in plain JSON types: the one converter of advlens' JSON (files, attrs, configs).
+
+    Mappings become dicts, tuples and arrays lists, NumPy scalars Python numbers, paths
+    strings; anything else is returned as it is (``json`` refuses what it cannot write).
+    """
+    if isinstance(obj, Mapping):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return obj
+
+
+def json_default(obj: Any) -> Any:
+    """``default=`` for :func:`json.dumps`: :func:`jsonable`, or TypeError when it cannot."""
+    out = jsonable(obj)
+    if out is obj:
+        raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return out
+
+
+def slug(text: str) -> str:
+    """The file-name form of an attack, norm, layer or run name: lower case, ':' and '/'
+    become '-', any other run of characters outside [a-z0-9._-] one '_' ("x" when empty).
+
+    Store paths are made with it (``foolbox:FGSM`` -> ``foolbox-fgsm-linf.zarr``), so a change
+    here renames existing stores.
+    """
+    text = str(text).lower().replace(":", "-").replace("/", "-")
+    return re.sub(r"[^a-z0-9._-]+", "_", text).strip("_") or "x"

@@ -32,11 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 from openTSNE import TSNE
 
-from advlens._env import cpu_name, versions
+from advlens._env import cpu_name, device_name, has_cuda, versions
 from advlens._io import atomic_write, write_json
 from advlens._optional import MissingDependency, has
 from advlens.data import load_dataset
@@ -52,6 +50,7 @@ from advlens.embed import (
 from advlens.errors import ConfigError, DataError, closest
 from advlens.overlap import overlap
 from advlens.reduce import reduce
+from advlens.report.bench_figures import tsne_bench_figure
 from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -226,12 +225,14 @@ def run_bench(
     knn: str = "shared",
     perplexity: float = 30.0,
     n_iter: int = 1000,
+    early_exaggeration_iter: int = 250,
     seed: int = 0,
     n_jobs: int = -1,
     sample: int = 1000,
     baseline: bool = True,
 ) -> dict[str, Any]:
-    """Measure every engine at every size; returns the JSON-ready result."""
+    """Measure every engine at every size; returns the JSON-ready result
+    (``benchmarks/tsne_engine.py`` is a view of it: torch against openTSNE)."""
 
     for name in engines:
         if name not in list_engines():
@@ -240,7 +241,8 @@ def run_bench(
             )
     if not sizes or min(sizes) < 10:
         raise ConfigError(f"--n {sizes}: give sizes of at least 10 points")
-    params = TSNEParams(perplexity=perplexity, n_iter=n_iter, seed=seed, n_jobs=n_jobs)
+    params = TSNEParams(perplexity=perplexity, n_iter=n_iter, seed=seed, n_jobs=n_jobs,
+                        early_exaggeration_iter=early_exaggeration_iter)  # fmt: skip
     env = environment()
     rows: list[dict[str, Any]] = []
     descriptions: list[str] = []
@@ -388,9 +390,7 @@ def environment() -> dict[str, Any]:
     libs = versions("advlens", "numpy", "scipy", "scikit-learn", "openTSNE", "torch",
                     "threadpoolctl", "cuml-cu12", "cuml-cu13", "cupy-cuda12x", "cupy-cuda13x")  # fmt: skip
     cpu = cpu_name()
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
+    gpu = device_name("cuda:0") if has_cuda() else None
     return {
         "device": f"GPU {gpu} + CPU {cpu}" if gpu else f"CPU {cpu}",
         "cpu_model": cpu,
@@ -418,7 +418,7 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
     md_path, png_path = out.with_suffix(".md"), out.with_suffix(".png")
     write_json(out, result)
     atomic_write(md_path, render_markdown(result).encode())
-    atomic_write(png_path, lambda p: _plot(result, p))
+    tsne_bench_figure(result, png_path)
     return [out, md_path, png_path]
 
 
@@ -470,40 +470,3 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {r['machine']} | {r['engine']} | {r['n']} | {r['seconds']:.0f} | {r['recall@10']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    fig = Figure(figsize=(11, 4.2))
-    ax_t, ax_q = fig.subplots(1, 2)
-    names = list(dict.fromkeys(r["engine"] for r in result["results"]))
-    for i, name in enumerate(names):
-        ok = sorted((r for r in result["results"] if r["engine"] == name and r["status"] == "ok"),
-                    key=lambda r: r["n"])  # fmt: skip
-        if not ok:
-            continue
-        colour = f"C{i}"
-        ns = [r["n"] for r in ok]
-        ax_t.plot(ns, [r["seconds_total"] for r in ok], "o-", color=colour, label=name)
-        ax_q.plot(ns, [r["recall@10"] for r in ok], "o-", color=colour, label=f"{name} recall@10")
-        ax_q.plot(ns, [r["trustworthiness"] for r in ok], "s--", color=colour, alpha=0.6,
-                  label=f"{name} trustworthiness")  # fmt: skip
-    ref = result["reference"]["rows"]
-    ax_t.scatter([r["n"] for r in ref], [r["seconds"] for r in ref], marker="x", color="grey",
-                 label="reference (not this run)")  # fmt: skip
-    ax_q.scatter([r["n"] for r in ref], [r["recall@10"] for r in ref], marker="x", color="grey",
-                 label="reference recall (not this run)")  # fmt: skip
-    spots: dict[int, list[str]] = {}  # one label block per size, so labels never overlap
-    for r in ref:
-        spots.setdefault(r["n"], []).append(f"{r['engine']}, {r['machine']}: {r['seconds']:.0f} s")
-    for n, labels in spots.items():
-        top = max(r["seconds"] for r in ref if r["n"] == n)
-        ax_t.annotate("\n".join(labels), (n, top), fontsize=6, color="grey", xytext=(4, 4),
-                      textcoords="offset points")  # fmt: skip
-    ax_t.set(xscale="log", yscale="log", xlabel="points", ylabel="seconds (kNN + optimisation)",
-             title="t-SNE time")  # fmt: skip
-    ax_q.set(xscale="log", xlabel="points", ylabel="score", ylim=(0, 1.02), title="quality")
-    ax_t.legend(fontsize=7)
-    ax_q.legend(fontsize=6)
-    fig.suptitle(f"{result['data']} - {result['environment']['device']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)

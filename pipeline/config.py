@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from advlens._io import jsonable
 from advlens.errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ DEFAULT_EPS = {
     "cifar10": {"linf": 8 / 255, "l2": 0.5},
 }
 NORMS = ("linf", "l2", "l1")
+STORE_DTYPES = ("float16", "float32")  # the dtypes an activation store holds (output.dtype)
 
 # What a setting shapes (docs/design.md, "Settings and identity"): "store" changes the stored
 # activations (a store written with another value is refused), "task" changes one layer task's
@@ -53,7 +55,7 @@ def setting(shapes: str, default: Any = dataclasses.MISSING, *, factory: Any = N
 def shaping(section: Any, shapes: str, *, spread: bool = False) -> dict[str, Any]:
     """``section``'s settings that shape ``shapes``; the spread lists only with ``spread``."""
     return {
-        f.name: _jsonable(getattr(section, f.name))
+        f.name: jsonable(getattr(section, f.name))
         for f in fields(section)
         if f.metadata["shapes"] == shapes and (spread or not f.metadata["spread"])
     }
@@ -326,7 +328,8 @@ class EmbedConfig:
         return self.perplexities or (self.perplexity,)
 
 
-# advlens.kernels.metrics.VARIANTS (not imported: the config module needs no SciPy)
+# The overlap variants, named once here (advlens.kernels.metrics.VARIANTS is this tuple): the
+# config module checks overlap.variant without importing the kernels (SciPy, torch).
 OVERLAP_VARIANTS = ("overlap", "mixing", "pair", "share")
 OVERLAP_SPACES = ("reduced", "map")  # the reduced (PCA) points t-SNE embeds, or its 2-D map
 
@@ -385,7 +388,7 @@ class OutputConfig:
     overwrite: bool = setting("none", False, doc="replace a run folder written with other settings")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32"):
+        if self.dtype not in STORE_DTYPES:
             raise ConfigError(f"output.dtype = {self.dtype!r}: use float16 or float32")
         name = Path(self.name)
         if not self.name or name.is_absolute() or ".." in name.parts or name == Path("."):
@@ -446,15 +449,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (tuples become lists)."""
-        return _jsonable(dataclasses.asdict(self))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
+        return jsonable(dataclasses.asdict(self))
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:

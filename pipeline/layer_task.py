@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from advlens._io import record, write_json, write_npz
+from advlens._io import json_default, record, write_json, write_npz
 from advlens.config import EmbedConfig, OverlapConfig, shaping
 from advlens.embed import TSNEParams, embed, max_perplexity
 from advlens.errors import StoreError
@@ -70,7 +70,7 @@ class LayerTask:
                 shaping(self.overlap, "task"),
             ],
             sort_keys=True,
-            default=str,
+            default=json_default,
         )
         digest = hashlib.sha1(key.encode()).hexdigest()[:8]
         layer = self.layer.replace("/", "_")

@@ -15,20 +15,17 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from advlens._env import resolve_device
+
 log = logging.getLogger(__name__)
 
 # Below this width the D x D covariance is small enough to accumulate exactly.
 EXACT_COV_MAX_D = 4096
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def reduce(x, n_components: int = 50, *, seed: int = 0, device: str = "auto") -> np.ndarray:
+def reduce(
+    x: np.ndarray | da.Array, n_components: int = 50, *, seed: int = 0, device: str = "auto"
+) -> np.ndarray:
     """Project rows of ``x`` onto their top principal components.
 
     Parameters
@@ -54,7 +51,7 @@ def reduce(x, n_components: int = 50, *, seed: int = 0, device: str = "auto") ->
         return arr - arr.mean(axis=0, keepdims=True)
     if not isinstance(x, np.ndarray):
         return _reduce_dask(x, q, seed)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     if device.startswith("cuda"):
         return _reduce_torch(x, q, seed, device)
 

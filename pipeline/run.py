@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from advlens._env import device_name, versions
-from advlens._io import WRITTEN, record, remove_written
+from advlens._env import device_name, resolve_device, versions
+from advlens._io import WRITTEN, record, remove_written, slug
 from advlens._optional import HINTS
 from advlens._version import __version__
 from advlens.attacks import Attack, Unperturbed, check_finite, get_attack
@@ -47,10 +47,8 @@ from advlens.extract import extract, plan_queue, plan_sub_batch
 from advlens.kernels.metrics import auto_k
 from advlens.layer_task import LayerTask, run_layer_task
 from advlens.models import build_model, fingerprint, get_factory
-from advlens.models import resolve_device as check_device
 from advlens.models.taps import catalog, layer_aliases, select_layers
 from advlens.models.user import cwd_importable
-from advlens.reduce import resolve_device
 from advlens.report import summary, write_outputs
 from advlens.report.tables import read_task_row
 from advlens.schedule import check_plan, driver_device, plan_cluster, release_device, run_tasks
@@ -327,7 +325,7 @@ def _tasks(cfg: RunConfig, stores, layers, run_dir: Path, device: str, order=Non
         LayerTask(
             store=str(path),
             run_dir=str(run_dir),
-            attack=_slug(a),
+            attack=slug(a),
             norm=norm,
             eps=eps,
             layer=layer,
@@ -366,7 +364,7 @@ def dry_run(cfg: RunConfig) -> str:
     stored = {name: w for name, w in widths.items() if name not in aliases}
     store_bytes = 2 * n * sum(stored.values()) * itemsize  # clean + perturbed, uncompressed
     stores = [
-        (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{_slug(a)}-{norm}.zarr")
+        (a, norm, cfg.attack.eps_for(norm, cfg.data.source), run_dir / f"{slug(a)}-{norm}.zarr")
         for a in cfg.attack.attack_names
         for norm in cfg.attack.norms
     ]
@@ -426,7 +424,7 @@ def _check_names(cfg: RunConfig, *, model_given: bool = False) -> None:
     ``model_given``: the caller passes its own ``nn.Module`` (the Python API), so
     ``model.name`` only labels it.
     """
-    check_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
+    resolve_device(cfg.model.device)  # a ConfigError naming model.device when it cannot be used
     if not model_given:
         get_factory(cfg.model.name)
     module, sep, _ = cfg.model.name.partition(":")
@@ -486,7 +484,7 @@ def _importable(module: str) -> bool:
 
 
 def _model_and_data(cfg: RunConfig, model=None, data=None):
-    device = driver_device(resolve_device(cfg.model.device), cfg.schedule.gpus)
+    device = driver_device(str(resolve_device(cfg.model.device)), cfg.schedule.gpus)
     if data is None:
         data = load_dataset(cfg.data.source, split=cfg.data.split, path=cfg.data.path)
     if model is None:
@@ -557,7 +555,7 @@ def accuracy_record(
     robust = {}
     for attack, norm, _eps, path in stores:
         success = ActivationStore.open(path).samples()["success"]
-        robust[f"{_slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
+        robust[f"{slug(attack)} {norm}"] = float(clean * (1 - np.mean(success)))
     return {"clean": float(clean), "n_split": int(n_split), "robust": robust}
 
 
@@ -596,7 +594,7 @@ def _attack_and_extract(
         "model": cfg.model.name,
         "dataset": samples.name,
     }
-    path = cfg.output.run_dir / f"{_slug(attack_name)}-{norm}.zarr"
+    path = cfg.output.run_dir / f"{slug(attack_name)}-{norm}.zarr"
     store = ActivationStore.create(
         path,
         n=len(samples.labels),
@@ -608,6 +606,7 @@ def _attack_and_extract(
         aliases=aliases,
     )
     if not store.is_complete():
+        itemsize = np.dtype(cfg.output.dtype).itemsize
         extract(
             model,
             samples,
@@ -619,18 +618,9 @@ def _attack_and_extract(
             progress=progress,
             seed=a.seed,
             sub_batch=sub_batch,
-            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * _itemsize(cfg),
-                                 a.memory_mb),
+            max_queue=plan_queue(a.batch_size * sum(widths.values()) * 2 * itemsize, a.memory_mb),
         )  # fmt: skip
     return path
-
-
-def _itemsize(cfg: RunConfig) -> int:
-    return 2 if cfg.output.dtype == "float16" else 4
-
-
-def _slug(name: str) -> str:
-    return name.replace(":", "-").replace("/", "-").lower()
 
 
 def _provenance(cfg, model, data, device, layers, shapes, timings) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from distributed.system import MEMORY_LIMIT
 from threadpoolctl import threadpool_limits
 
 from advlens import _optional
+from advlens._env import gpu_count
 from advlens._optional import require
 from advlens.errors import ConfigError
 from advlens.progress import bar
@@ -138,7 +139,7 @@ def run_tasks(
 
 def list_gpus(gpus: Sequence[int] = ()) -> tuple[int, ...]:
     """Indices of the CUDA GPUs to use: ``gpus`` (validated) or all visible ones."""
-    count = _device_count()
+    count = gpu_count()
     if not gpus:
         return tuple(range(count))
     chosen = tuple(dict.fromkeys(int(g) for g in gpus))
@@ -208,10 +209,6 @@ def describe_cluster(
         text += f", {gpu:g} GPUs"
     link = getattr(client, "dashboard_link", None)
     return text + (f", dashboard {link}" if link else "")
-
-
-def _device_count() -> int:
-    return int(torch.cuda.device_count())
 
 
 def worker_gpu() -> str | None:

@@ -30,18 +30,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-
 from advlens._io import atomic_write, write_json
 from advlens.eps_sweep import parse_eps, render_eps_markdown, run_eps_sweep
 from advlens.errors import ConfigError
+from advlens.report.sweep_figures import (
+    ordered,
+    row_group,
+    row_variant,
+    time_and_overlap_figure,
+    vs_n_figure,
+)
 from advlens.run import sweep_point, sweep_start
 
 ROW_KEYS = ("attack", "norm", "eps", "layer", "layer_index", "engine", "seed", "perplexity", "k",
             "n", "success_rate", "overlap", "calibrated", "ci_low", "ci_high", "mixing", "pair", "overlap_reduced", "auc",
             "seconds_reduce", "seconds_embed", "seconds_overlap", "error")  # fmt: skip
-NORM_COLOURS = {"l2": "#1f77b4", "linf": "#ff7f0e"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -120,21 +123,13 @@ def run_sweep(
     return out
 
 
-def _group(row: dict[str, Any]) -> str:
-    return f"{row.get('attack')}-{row.get('norm')}"
-
-
-def _variant(row: dict[str, Any]) -> str:
-    return f"{row.get('engine')} s{row.get('seed')} p{row.get('perplexity')}"
-
-
 def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Seconds per stage per N, and overlap per (attack-norm, layer, engine) per N."""
     stages = list(dict.fromkeys(k for e in entries for k in e["timings"]))
     metric: dict[str, dict[str, Any]] = {}
     for e in entries:
         for r in e["rows"]:
-            key = f"{_group(r)} | {r.get('layer')} | {_variant(r)}"
+            key = f"{row_group(r)} | {r.get('layer')} | {row_variant(r)}"
             slot = metric.setdefault(key, {"layer_index": r.get("layer_index"), "values": {}})
             slot["values"][str(e["n"])] = r.get("overlap")
             slot.setdefault("calibrated", {})[str(e["n"])] = [
@@ -163,8 +158,7 @@ def render_markdown(out: dict[str, Any]) -> str:
     lines += ["", "## Overlap per layer against N", "",
               "| attack-norm | layer | engine | " + " | ".join(f"N={n}" for n in ns)
               + " | max change |", "|---|---|---|" + "---:|" * (len(ns) + 1)]  # fmt: skip
-    for key, slot in sorted(summary["overlap"].items(), key=lambda kv: (kv[0].split(" | ")[0],
-                                                                         kv[1]["layer_index"] or 0)):  # fmt: skip
+    for key, slot in ordered(summary):
         vals = [slot["values"].get(n) for n in ns]
         cells = ["-" if v is None else f"{v:.3f}" for v in vals]
         change = "-" if slot["max_change"] is None else f"{slot['max_change']:.3f}"
@@ -172,16 +166,11 @@ def render_markdown(out: dict[str, Any]) -> str:
     lines += ["", "## Calibrated overlap per layer against N (95% interval)", "",
               "| attack-norm | layer | engine | " + " | ".join(f"N={n}" for n in ns) + " |",
               "|---|---|---|" + "---:|" * len(ns)]  # fmt: skip
-    for key, slot in _ordered(summary):
+    for key, slot in ordered(summary):
         cal = slot.get("calibrated", {})
         lines.append(f"| {key} | " + " | ".join(_interval(cal.get(n)) for n in ns) + " |")
     lines += ["", "![calibrated overlap against N](sweep-vs-n.png)"]
     return "\n".join(lines) + "\n"
-
-
-def _ordered(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return sorted(summary["overlap"].items(),
-                  key=lambda kv: (kv[0].split(" | ")[0], kv[1]["layer_index"] or 0))  # fmt: skip
 
 
 def _interval(cell: list | None) -> str:
@@ -196,78 +185,7 @@ def write_outputs(out: dict[str, Any], folder: Path) -> list[Path]:
     paths = [folder / f for f in ("sweep.json", "sweep.md", "sweep.png", "sweep-vs-n.png")]
     write_json(paths[0], out)
     atomic_write(paths[1], render_markdown(out).encode())
-    atomic_write(paths[2], lambda p: _plot(out, p))
-    atomic_write(paths[3], lambda p: _plot_vs_n(out, p))
-    return paths
-
-
-def _plot_vs_n(out: dict[str, Any], path: Path) -> None:
-    """Calibrated overlap against N, one line per layer (first engine / seed / perplexity of
-    each attack-norm), with the rows' 95% intervals as bars."""
-
     summary = out.get("summary") or summarise(out["sizes"])
-    groups = sorted({key.split(" | ")[0] for key in summary["overlap"]})
-    fig = Figure(figsize=(1 + 4.5 * max(1, len(groups)), 4.2))
-    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
-    cmap = colormaps["viridis"]
-    for ax, group in zip(axes, groups, strict=False):
-        slots = [(k, s) for k, s in _ordered(summary) if k.startswith(f"{group} | ")]
-        first = slots[0][0].split(" | ")[2] if slots else None
-        slots = [(k, s) for k, s in slots if k.split(" | ")[2] == first]
-        for j, (key, slot) in enumerate(slots):
-            cells = sorted((int(n), c) for n, c in slot.get("calibrated", {}).items()
-                           if c and c[0] is not None)  # fmt: skip
-            if not cells:
-                continue
-            ns = [n for n, _ in cells]
-            vals = [c[0] for _, c in cells]
-            # The half-sample interval is centred on its draws, so at a bound (calibrated 1)
-            # it may lie beside the value: bars reach the interval's ends, never below zero.
-            low = [max(0.0, c[0] - (c[1] if c[1] is not None else c[0])) for _, c in cells]
-            high = [max(0.0, (c[2] if c[2] is not None else c[0]) - c[0]) for _, c in cells]
-            ax.errorbar(ns, vals, yerr=[low, high], fmt="o-", capsize=3, ms=4,
-                        color=cmap(j / max(1, len(slots) - 1)), label=key.split(" | ")[1])  # fmt: skip
-        norm = group.rsplit("-", 1)[-1]
-        ax.set_title(f"{group} ({first})", color=NORM_COLOURS.get(norm, "black"), fontsize=9)
-        ax.set(xscale="log", ylim=(-0.02, 1.05), xlabel="N (attacked samples)",
-               ylabel="calibrated overlap (95% interval)")  # fmt: skip
-        ax.legend(fontsize=7)
-    fig.suptitle(f"sweep {out['name']}: calibrated overlap against N", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-
-
-def _plot(out: dict[str, Any], path: Path) -> None:
-    entries = out["sizes"]
-    groups = sorted({_group(r) for e in entries for r in e["rows"]})
-    fig = Figure(figsize=(5 + 4.5 * len(groups), 4.2))
-    axes = fig.subplots(1, 1 + len(groups), squeeze=False)[0]
-    ns = [e["n"] for e in entries]
-    for stage in (out.get("summary") or summarise(entries))["stages"]:
-        axes[0].plot(ns, [max(e["timings"].get(stage, 0.0), 1e-3) for e in entries], "o-",
-                     label=stage)  # fmt: skip
-    axes[0].plot(ns, [e["wall_seconds"] for e in entries], "k--", label="wall")
-    axes[0].set(xscale="log", yscale="log", xlabel="N (attacked samples)", ylabel="seconds",
-                title="time per stage")  # fmt: skip
-    axes[0].legend(fontsize=7)
-    cmap = colormaps["viridis"]
-    for ax, group in zip(axes[1:], groups, strict=True):
-        for j, e in enumerate(entries):
-            rows = [r for r in e["rows"] if _group(r) == group and r.get("overlap") is not None]
-            # one line per N: the first engine / seed / perplexity of the group
-            rows = sorted((r for r in rows if _variant(r) == _variant(rows[0])) if rows else [],
-                          key=lambda r: r.get("layer_index") or 0)  # fmt: skip
-            if not rows:
-                continue
-            colour = cmap(j / max(1, len(entries) - 1))
-            ax.plot([r["layer_index"] for r in rows], [r["overlap"] for r in rows], "o-",
-                    color=colour, label=f"N={e['n']}")  # fmt: skip
-            ax.set_xticks([r["layer_index"] for r in rows], [r["layer"] for r in rows],
-                          rotation=45, ha="right", fontsize=7)  # fmt: skip
-        norm = group.rsplit("-", 1)[-1]
-        ax.set_title(group, color=NORM_COLOURS.get(norm, "black"))
-        ax.set(ylim=(-0.02, 1.02), ylabel="overlap")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"sweep {out['name']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
+    time_and_overlap_figure(out, summary, paths[2])
+    vs_n_figure(out, summary, paths[3])
+    return paths

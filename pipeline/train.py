@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from advlens._io import atomic_write, write_json
 from advlens.config import ADVERSARIAL, AdvRecipe
 from advlens.data import Dataset, load_dataset
 from advlens.errors import ConfigError
@@ -244,9 +243,7 @@ def _train_and_save(
             100 * acc,
             100 * floor,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
+    state = model.state_dict()
     meta = {
         "model": "small-cnn",
         "dataset": dataset,
@@ -258,10 +255,8 @@ def _train_and_save(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    side_tmp = tmp.with_suffix(".json.tmp")
-    side_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    os.replace(side_tmp, path.with_suffix(".json"))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # readers: the old or the new file
+    write_json(path.with_suffix(".json"), meta)
     log.info("saved %s (test accuracy %.2f%%, %.0f s)", path, 100 * acc, seconds)
 
 

@@ -16,19 +16,14 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP threads spin by default; on a busy 2-core machine that slows t-SNE many times over.
+# Read when OpenMP first loads, so it is set before advlens (torch) is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+from advlens._env import has_cuda  # noqa: E402  (after the environment above)
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
+    if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
@@ -117,7 +112,7 @@ def _backend(name: str) -> Backend:
     if name == "torch":
         return _torch_backend("cpu")
     if name == "torch-cuda":
-        if not _has_gpu():
+        if not has_cuda():
             pytest.skip("needs a CUDA GPU")
         return _torch_backend("cuda")
     return _cupy_backend()

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
+from advlens.config import NORMS
 from advlens.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-NORMS = ("linf", "l2", "l1")
 APGD_LOSSES = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}  # name -> loss
 FOOLBOX_PREFIX = "foolbox:"  # foolbox:<ClassName> names any of foolbox's attacks
 

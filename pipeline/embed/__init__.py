@@ -19,8 +19,8 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
+from advlens._env import has_cuda
 from advlens._optional import MissingDependency
 from advlens.embed._common import knn_graph, recall_at_k, trustworthiness
 from advlens.embed.base import INITS, Embedding, Engine, KnnGraph, TSNEParams, max_perplexity
@@ -78,14 +78,10 @@ def available_engines() -> list[str]:
     return out
 
 
-def _has_cuda() -> bool:
-    return bool(torch.cuda.is_available())
-
-
 def resolve_engine(name: str) -> str:
     """Registry name -> concrete engine name (``auto``: torch on a CUDA GPU, else opentsne)."""
     if name == AUTO:
-        if _has_cuda():
+        if has_cuda():
             mod = _import("torch")
             if mod is not None and mod.available():
                 return "torch"

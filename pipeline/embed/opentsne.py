@@ -86,6 +86,7 @@ def embed(x: np.ndarray, params: TSNEParams, *, knn: KnnGraph | None = None) -> 
         xy=np.ascontiguousarray(emb, dtype=np.float32),
         seconds=seconds,
         engine=NAME,
-        params=params.to_dict() | {"learning_rate": eta, "k_neighbors": k, "knn": source},
+        params=params.to_dict()
+        | {"learning_rate": eta, "k_neighbors": k, "knn": source, "kl": float(emb.kl_divergence)},
         knn_seconds=knn_seconds,
     )

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from advlens._env import resolve_device
 from advlens._optional import has
 from advlens.embed import _common
 from advlens.embed.base import Embedding, KnnGraph, TSNEParams
@@ -40,12 +41,6 @@ def available() -> bool:
     return has("torch")
 
 
-def default_device() -> str:
-    """``cuda`` when torch sees a GPU, else ``cpu``."""
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def embed(
     x: np.ndarray,
     params: TSNEParams,
@@ -55,7 +50,7 @@ def embed(
 ) -> Embedding:
     """Embed ``x`` (n, d) with ``params``; ``knn`` an optional (idx, dist) graph."""
 
-    dev = torch.device(device or default_device())
+    dev = resolve_device(device or "auto")
     threads = torch.get_num_threads()
     if dev.type == "cpu" and params.n_jobs > 0:
         torch.set_num_threads(params.n_jobs)
@@ -101,6 +96,7 @@ def embed(
         "device": str(dev),
         "repulsion": method,
         "effective_perplexity": P.perplexity,
+        "kl": float(kl[-1][1]),
     }
     return Embedding(
         xy=xy, seconds=seconds, engine=NAME, params=params.to_dict() | extra,

@@ -1,4 +1,4 @@
-"""Model zoo: a registry of network builders, checkpoint loading and device selection.
+"""Model zoo: a registry of network builders, checkpoint loading (the device: advlens._env).
 
 Built-in names: ``small-cnn`` (trained by advlens), ``wrn-28-10`` (RobustBench parameter
 names; also ``wrn-<depth>-<width>``), ``denser`` (a DENSER Keras HDF5 file), any
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advlens.errors import ConfigError
+from advlens._env import resolve_device
 from advlens.models.base import (
     WRN_NAME,
     ModelFactory,
@@ -76,19 +76,6 @@ def build_model(
     model.eval()
     model.requires_grad_(False)
     return model.to(resolve_device(getattr(cfg, "device", "auto")))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device = {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device = {name!r} but no CUDA GPU is visible; use cpu or auto")
-    return device
 
 
 def weights_digest(model: nn.Module, h: Any) -> str:

@@ -27,9 +27,9 @@ import numpy as np
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
+from advlens._io import slug
 from advlens.errors import ConfigError, closest
 from advlens.report import figures as F
-from advlens.report.figures import slug
 from advlens.report.tables import METRICS, aggregate, read_metrics, write_csv
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _depth_plot(series, out: Path, *, ylabel: str, ylim) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", lw=0.3, alpha=0.6)
         ax.legend(frameon=False, fontsize=5.5, loc="best")
-        return F._save(fig, out)
+        return F.save(fig, out)
 
 
 def default_out(run_dirs: Sequence[str | Path]) -> Path:

@@ -16,10 +16,10 @@ rotated layer names whose size and stride keep them readable for 40+ layers.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps, rc_context
@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from advlens._io import atomic_write
 from advlens.report.tables import ARTEFACT_GAP, TaskMap
 
 NORM_COLORS = {"l2": "#1f77b4", "linf": "#ff7f0e", "l1": "#9467bd"}
@@ -47,15 +48,6 @@ RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of an attack, norm or layer name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
 def short(name: str, width: int = 24) -> str:
@@ -206,7 +198,7 @@ def plot_series(
             ax.set_title(title)
         if series:
             ax.legend(frameon=False, ncol=1 if len(series) <= 3 else 2, loc="best")
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def layer_curve(
@@ -307,7 +299,7 @@ def maps_figure(maps: Sequence[TaskMap], out: str | Path, *, title: str | None =
         fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def class_names(n: int, classes: Sequence[str] | None = None) -> list[str]:
@@ -363,7 +355,7 @@ def label_map(
         _draw_label_map(ax, m, colors)
         _map_axis(ax, title or f"{m.row['layer']} (coloured by true label)")
         _label_legend(fig, names[:n_classes], colors, ncol=4)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def labels_grid(
@@ -388,7 +380,7 @@ def labels_grid(
         _label_legend(fig, names[:n_classes], colors, ncol=min(6, n_classes + 2))
         if title:
             fig.suptitle(title, fontsize=8)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- sweeps and breakdowns
@@ -418,7 +410,7 @@ def k_sweep_figure(sweeps: dict, layers: Sequence[str], out: str | Path) -> Path
             ax.set_title(f"{key[0]} {NORM_LABELS.get(key[1], key[1])}", color=norm_color(key[1]))
             ax.legend(frameon=False, ncol=len(ks), loc="lower left")
         layer_axis(axes[-1], layers, w)
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def per_class_figure(
@@ -450,7 +442,7 @@ def per_class_figure(
                                 color="white" if v < 0.55 else "black")  # fmt: skip
         if im is not None:
             fig.colorbar(im, ax=list(axes), shrink=0.8, label="overlap")
-        return _save(fig, out)
+        return save(fig, out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -458,13 +450,9 @@ def _rc():
     return rc_context(RC)
 
 
-def _save(fig: Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
+def save(fig: Figure, out: str | Path, **kwargs: Any) -> Path:
+    """Write ``fig`` as PNG to ``out`` atomically (``kwargs`` for ``savefig``, e.g. ``dpi``)."""
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 # ---------------------------------------------------------------- eps sweep
@@ -509,7 +497,7 @@ def _sweep_figure(layers: Sequence[dict], out, x: str, xlabel: str) -> Path:
         for ax, (g, rows) in zip(axes, groups.items(), strict=False):
             _layer_lines(ax, rows, x, xlabel)
             ax.set_title(g, color=NORM_COLORS.get(rows[0]["norm"], "black"))
-        return _save(fig, out)
+        return save(fig, out)
 
 
 def radius_figure(layers: Sequence[dict], out: str | Path) -> Path:
@@ -531,4 +519,4 @@ def radius_figure(layers: Sequence[dict], out: str | Path) -> Path:
             ax.set_xticks(x, [short(d["layer"], 14) for d in rows], rotation=45, ha="right")
         ax.set(ylabel="radius (eps at calibrated overlap 1/2)")
         ax.legend()
-        return _save(fig, out)
+        return save(fig, out)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from advlens._io import atomic_write
 from advlens.report import interactive as ia
 from advlens.report.render import make_figures
 from advlens.report.summary import _classes, detector_summary, summary
@@ -404,10 +405,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"{live['head']}</head><body>{''.join(parts)}{live['script']}</body></html>\n"
     )
     out = run_dir / "report.html"
-    tmp = out.with_name("report.html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write(out, doc.encode("utf-8"))
 
 
 def _static_maps(figs: Path, *, open_: bool) -> str:

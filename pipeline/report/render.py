@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from advlens import progress as prog
-from advlens._io import record, remove_written
+from advlens._io import record, remove_written, slug
 from advlens.report import figures as F
 from advlens.report import tables
 from advlens.report.summary import AUC_GOOD, _classes
@@ -48,13 +48,13 @@ def make_figures(
     if any(r.get("overlap_reduced") is not None for r in ok):
         jobs.append(("artefact.png", lambda p: F.artefact_figure(agg, layers, p)))
     for (attack, norm), ms in sorted(maps.items()):
-        stem = f"{F.slug(attack)}-{F.slug(norm)}"
+        stem = f"{slug(attack)}-{slug(norm)}"
         title = f"{attack} {F.NORM_LABELS.get(norm, norm)}"
         last = ms[-1]
         jobs += [
             (f"maps-{stem}.png", partial(F.maps_figure, ms, title=title)),
             (
-                f"labels-{stem}-{F.slug(last.row['layer'])}.png",
+                f"labels-{stem}-{slug(last.row['layer'])}.png",
                 partial(
                     F.label_map,
                     last,

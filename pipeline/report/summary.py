@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from advlens.report.figures import FASHION_MNIST_CLASSES
+from advlens.data.fashion_mnist import FASHION_CLASSES
 from advlens.report.tables import aggregate
 from advlens.results import ARTEFACT_GAP
 
@@ -19,7 +19,7 @@ def _classes(provenance: dict) -> list[str] | None:
     if isinstance(ds, dict) and ds.get("classes"):
         return list(ds["classes"])
     name = json.dumps(ds if ds is not None else (provenance.get("config") or {}).get("data"))
-    return list(FASHION_MNIST_CLASSES) if "fashion" in name.lower() else None
+    return list(FASHION_CLASSES) if "fashion" in name.lower() else None
 
 
 def _curves(agg: Sequence[dict], metric: str) -> dict[tuple, list[tuple[str, float]]]:

@@ -32,7 +32,6 @@ from typing import Literal
 from advlens.errors import StoreError
 from advlens.store import layout
 from advlens.store.layout import (
-    DTYPES,
     IDENTITY_KEYS,
     MANIFEST,
     MIN_CHUNK_BYTES,
@@ -46,7 +45,7 @@ from advlens.store.reading import StoreReader
 from advlens.store.writing import StoreWriter
 
 __all__ = [
-    "DTYPES", "IDENTITY_KEYS", "MANIFEST", "MIN_CHUNK_BYTES", "RESERVED", "SAMPLE_FIELDS",
+    "IDENTITY_KEYS", "MANIFEST", "MIN_CHUNK_BYTES", "RESERVED", "SAMPLE_FIELDS",
     "STORE_FORMAT", "WHICH", "ActivationStore", "StoreWriter", "chunk_rows",
 ]  # fmt: skip
 

@@ -12,14 +12,9 @@ from typing import Any, Literal
 
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.array_spec import ArrayConfigParams
-
-from advlens.errors import StoreError
 
 CLEVEL = 1
 METADATA = "zarr.json"  # a group's or array's metadata file
-# Every written batch leaves a file, even one of fill values: a missing file is damage.
-_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr.open_group's modes
 
 
@@ -79,25 +74,22 @@ def create_array(
     dims: tuple[str, ...],
     fill_value: Any,
     shards: tuple[int, ...] | None = None,
-) -> zarr.Array:
+) -> Any:
+    # write_empty_chunks: every written batch leaves a file, even one of fill values, so a
+    # missing file is damage
     return group.create_array(
         name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, dimension_names=dims,
         fill_value=fill_value, compressors=codecs(),
-        chunk_key_encoding={"name": "default", "separator": "/"}, config=_WRITE_CONFIG,
+        chunk_key_encoding={"name": "default", "separator": "/"},
+        config={"write_empty_chunks": True},
     )  # fmt: skip
 
 
-def writable(group: zarr.Group, name: str) -> zarr.Array:
-    """Array ``name`` of ``group``, set to write every chunk (see ``_WRITE_CONFIG``)."""
-    return _array(group, name).with_config(_WRITE_CONFIG)
+def writable(group: zarr.Group, name: str) -> Any:
+    """Array ``name`` of ``group``, set to write every chunk (as :func:`create_array`)."""
+    array: Any = group[name]
+    return array.with_config({"write_empty_chunks": True})
 
 
-def open_array(path: str | Path, name: str, mode: Mode = "r") -> zarr.Array:
-    return _array(zarr.open_group(str(path), mode=mode), name)
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    node = group[name]
-    if not isinstance(node, zarr.Array):  # a damaged store: a group where an array belongs
-        raise StoreError(f"{name} in {group.store} is a group, not an array")
-    return node
+def open_array(path: str | Path, name: str, mode: Mode = "r") -> Any:
+    return zarr.open_group(str(path), mode=mode)[name]

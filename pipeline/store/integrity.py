@@ -84,7 +84,7 @@ class StoreIntegrity(StoreLayout):
                 )  # fmt: skip
                 bad.append(b)
         if bad:
-            progress = _zarr.open_array(self.path, "progress/batches", mode="r+")
+            progress = _zarr.open_array(self.path, "progress/batches", "r+")
             for b in bad:
                 progress[b] = False
                 manifest_path(self.path, b).unlink(missing_ok=True)

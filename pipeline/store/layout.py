@@ -12,14 +12,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from advlens._io import json_default
 from advlens._version import __version__
+from advlens.config import STORE_DTYPES
 from advlens.errors import StoreError, closest
 from advlens.store import _zarr
 
 STORE_FORMAT = 2  # 2: per-batch manifest of file sizes and checksums
 MANIFEST = "progress/batches/manifest"  # inside an array folder: Zarr never lists it
 MIN_CHUNK_BYTES = 1 << 20
-DTYPES = ("float16", "float32")  # the activation dtypes a store holds
 WHICH = ("clean", "perturbed")
 SAMPLE_FIELDS = {
     "index": "int64",
@@ -204,23 +205,23 @@ def prepare(
     """
     if n < 1 or batch_size < 1:
         raise StoreError(f"store {path}: n = {n} and batch_size = {batch_size} must be >= 1")
-    if dtype not in DTYPES:
+    if dtype not in STORE_DTYPES:
         raise StoreError(f"store {path}: dtype {dtype!r}: use float16 or float32")
     for layer in layers:
         if not layer or "/" in layer or layer.startswith("__"):
             raise StoreError(f"layer name {layer!r} cannot name a Zarr array (no '/')")
-    aliases = _check_aliases(path, layers, aliases)
+    checked = _check_aliases(path, layers, aliases)
     clash = sorted(set(attrs) & set(RESERVED) - {"advlens_version"})
     if clash:
         raise StoreError(f"store attrs {clash} are reserved by the store; rename them")
-    attrs = _jsonable({k: v for k, v in attrs.items() if k != "advlens_version"})
+    own = _jsonable({k: v for k, v in attrs.items() if k != "advlens_version"})
     if path.exists():
         if not overwrite and _existing_status(path) != "creating":  # "creating": no data yet
-            return attrs, aliases, False
+            return own, checked, False
         _remove_store(path)
-    _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=attrs,
-            aliases=aliases)  # fmt: skip
-    return attrs, aliases, True
+    _create(path, n=n, layers=layers, batch_size=batch_size, dtype=dtype, attrs=own,
+            aliases=checked)  # fmt: skip
+    return own, checked, True
 
 
 def root_attrs(path: Path) -> dict[str, Any]:
@@ -251,7 +252,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(dict(attrs)))
+        return json.loads(json.dumps(dict(attrs), default=json_default))
     except (TypeError, ValueError) as exc:
         raise StoreError(f"store attrs must be JSON-serialisable: {exc}") from None
 
