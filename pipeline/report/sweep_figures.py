@@ -35,7 +35,7 @@ def vs_n_figure(out: dict[str, Any], summary: dict[str, Any], path: str | Path) 
     each attack-norm), with the rows' 95% intervals as bars."""
     groups = sorted({key.split(" | ")[0] for key in summary["overlap"]})
     fig = Figure(figsize=(1 + 4.5 * max(1, len(groups)), 4.2))
-    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+    axes: Any = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
     cmap = colormaps["viridis"]
     for ax, group in zip(axes, groups, strict=False):
         slots = [(k, s) for k, s in ordered(summary) if k.startswith(f"{group} | ")]
@@ -69,7 +69,7 @@ def time_and_overlap_figure(out: dict[str, Any], summary: dict[str, Any], path: 
     entries = out["sizes"]
     groups = sorted({row_group(r) for e in entries for r in e["rows"]})
     fig = Figure(figsize=(5 + 4.5 * len(groups), 4.2))
-    axes = fig.subplots(1, 1 + len(groups), squeeze=False)[0]
+    axes: Any = fig.subplots(1, 1 + len(groups), squeeze=False)[0]
     ns = [e["n"] for e in entries]
     for stage in summary["stages"]:
         axes[0].plot(ns, [max(e["timings"].get(stage, 0.0), 1e-3) for e in entries], "o-",

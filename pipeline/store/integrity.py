@@ -39,7 +39,7 @@ class StoreIntegrity(StoreLayout):
         try:
             return np.asarray(self._read("progress/batches", slice(None)), dtype=bool)
         except StoreError:
-            out = np.zeros(self.n_batches, dtype=bool)
+            out: np.ndarray = np.zeros(self.n_batches, dtype=bool)
             for b in range(self.n_batches):
                 try:
                     out[b] = bool(self._read("progress/batches", slice(b, b + 1))[0])
