@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 EXACT_COV_MAX_D = 4096
 
 
-def reduce(x, n_components: int = 50, *, seed: int = 0, device: str = "auto") -> np.ndarray:
+def reduce(
+    x: np.ndarray | da.Array, n_components: int = 50, *, seed: int = 0, device: str = "auto"
+) -> np.ndarray:
     """Project rows of ``x`` onto their top principal components.
 
     Parameters

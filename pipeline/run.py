@@ -132,7 +132,7 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
         for perp in cfg.embed.perplexity_list:
             TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
     points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
-    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
+    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else int(cfg.overlap.k)
     if k > points - 2:  # neighbours exclude the point itself and (share) its twin
         raise ConfigError(
             f"overlap.k = {k}: must be at most {points - 2}, the points of a map (2 x data.n = "
