@@ -102,7 +102,7 @@ def _candidates(xc, sq, q, kk: int, tile: int):
         part = torch.addmm(sq[None, c0:c1], q, xc[c0:c1].T, beta=1.0, alpha=-2.0)
         v, i = torch.topk(part, min(kk, c1 - c0), dim=1, largest=False, sorted=False)
         i = i + c0
-        if best_v is not None:
+        if best_v is not None and best_i is not None:
             v, i = torch.cat((best_v, v), dim=1), torch.cat((best_i, i), dim=1)
             if v.shape[1] > kk:
                 v, o = torch.topk(v, kk, dim=1, largest=False, sorted=False)

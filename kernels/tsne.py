@@ -475,7 +475,8 @@ def tsne(
     t0 = time.perf_counter()
     knn_method = "precomputed"
     if knn is None:
-        *knn, knn_method = knn_graph(x, n_neighbors(n, perplexity), seed=seed)
+        idx, dist, knn_method = knn_graph(x, n_neighbors(n, perplexity), seed=seed)
+        knn = (idx, dist)
         synchronize(dev)
     t1 = time.perf_counter()
     P = calibrate(knn[0].to(dev), knn[1].to(dev), perplexity)

@@ -80,8 +80,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """Atomically write arrays as a compressed ``.npz`` file."""
     buf = io.BytesIO()
-    save: Callable[..., None] = np.savez_compressed  # its stub reads **arrays as its own flags
-    save(buf, **arrays)
+    np.savez_compressed(buf, allow_pickle=False, **arrays)
     return atomic_write(path, buf.getvalue())
 
 

@@ -76,7 +76,7 @@ class Result:
             x = np.arange(len(self.layers))
             for s in F.agg_series(self.aggregate(), self.layers, metric):
                 ax.plot(x, s.y, s.linestyle, color=s.color, marker=s.marker, ms=3, label=s.label)
-                if s.lo is not None:
+                if s.lo is not None and s.hi is not None:
                     ax.fill_between(x, s.lo, s.hi, color=s.color, alpha=0.22, lw=0)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(True, axis="y", lw=0.3, alpha=0.6)
@@ -234,6 +234,7 @@ def analyze(
         data = _dataset(images, labels, classes)
         # The run folder's identity (resume or refuse) must change with the images.
         values["data.source"], values["data.path"] = "arrays", f"sha1:{_digest_data(data)}"
+    module: torch.nn.Module | None = None  # in memory, else a model name in the config
     if not isinstance(model, str):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(
@@ -242,14 +243,14 @@ def analyze(
             )
         values["model.name"] = f"{type(model).__name__} (in memory)"
         values["model.checkpoint"] = f"sha1:{_digest_model(model)}"
+        module = model
     else:
         values["model.name"] = model
-        model = None
     for key, value in values.items():
         section, name = key.split(".")
         base[section][name] = value
     cfg = from_dict(base, source="advlens.analyze")
-    run(cfg, progress=progress, model=model, data=data)
+    run(cfg, progress=progress, model=module, data=data)
     return load_run(cfg.output.run_dir)
 
 

@@ -385,12 +385,13 @@ class OverlapConfig:
     """The overlap metric (see docs/design.md): variant and k, plus a k-sweep.
 
     ``k = "auto"`` scales k with the sample (N / 100: N = 1,000 gives 10); an integer fixes it.
-    ``bootstrap``: half-sample draws of the images for the interval (0: none).
+    ``variant`` and ``space`` choose the reported value (default: ``share`` on the reduced points
+    t-SNE embeds; the map's value is reported beside it). ``bootstrap``: half-sample draws of the images for the interval (0: none).
     """
 
     k: int | str = setting("task", "auto", doc="neighbours per point: auto (N / 100) or an integer")
     variant: str = setting(
-        "task", "overlap", doc="reported statistic: overlap, mixing, pair or share"
+        "task", "share", doc="reported statistic: share, overlap, mixing or pair"
     )
     k_sweep: tuple[int, ...] = setting("task", (5, 10, 20, 50), doc="k values also reported")
     bootstrap: int = setting(
@@ -398,7 +399,9 @@ class OverlapConfig:
     )
     detector_seed: int = setting("task", 0, doc="the detector's folds: its own seed, not the map's")
     space: str = setting(
-        "task", "map", doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map"
+        "task",
+        "reduced",
+        doc="where the value is scored: reduced (the PCA points t-SNE embeds) or map",
     )
 
     def __post_init__(self) -> None:

@@ -154,7 +154,7 @@ def extract(
     expected = expected_forwards(attack)  # the bar moves per attack iteration within a batch
     if expected:  # one forward per sub-batch and iteration
         expected *= len(chunks(store.batch_size, getattr(attack, "sub_batch", None)))
-    rows_left = sum(r1 - r0 for r0, r1 in map(store.batch_rows, todo))
+    rows_left = sum(r1 - r0 for r0, r1 in map(store.batch_rows, todo.tolist()))
     done = store.n_batches - todo.size
     desc = f"attack+extract {store.path.stem}" + (
         f" (resumed, {done}/{store.n_batches} batches stored)" if done else ""

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -146,8 +146,8 @@ def track(
     enabled: bool | None = None,
 ) -> Iterator[T]:
     """Yield from ``iterable`` while showing progress (``total`` defaults to ``len``)."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
+    if total is None and isinstance(iterable, Sized):
+        total = len(iterable)
     with Progress(total=total, desc=desc, unit=unit, enabled=enabled) as pb:
         for item in iterable:
             yield item

@@ -28,10 +28,14 @@ ROW_SCHEMA: dict[str, tuple[type, ...]] = {
     "k_sweep": (dict,), "per_class": (dict,),
 }  # fmt: skip
 UNIT_KEYS = ("success_rate", "overlap", "mixing", "pair", "value", "overlap_reduced", "auc")
-# |calibrated overlap on the map - on the 50-D points| above this: flag. Measured on the default
-# model (benchmarks/metric_vs_n.py, every layer, N = 250..2,000, subset draws): the map sits
-# 0 to 0.06 below the 50-D value, standard deviation <= 0.052; 0.15 ~ worst mean + 2 sd.
-ARTEFACT_GAP = 0.15
+# The artefact check: |reported statistic, calibrated, on the map - on the reduced points| above
+# this flags the map (it measures how far t-SNE's local mixing departs from the points it
+# embeds). Measured for share on the default model (benchmarks/metric_vs_n.py, every layer below
+# the input, N = 250..2,000, 3 subset draws): where map and 50-D agree (fc1,
+# logits) the gap's mean is within 0.016 and its sd 0.026, |gap| <= 0.068 at every N; 0.1 sits
+# above that noise floor. From the input to pool2 the map is more mixed than the points it
+# embeds by 0.17 to 0.42 (t-SNE merges twins that the 50-D points keep apart): flagged.
+ARTEFACT_GAP = 0.1
 
 
 @dataclass(frozen=True)

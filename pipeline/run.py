@@ -132,13 +132,13 @@ def validate(cfg: RunConfig, *, data_given: bool = False) -> RunConfig:
         for perp in cfg.embed.perplexity_list:
             TSNEParams.from_config(cfg.embed, seed=seed, perplexity=perp)
     points = 2 * cfg.data.n  # every map holds N clean and N perturbed points
-    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else cfg.overlap.k
-    if k >= points:
+    k = auto_k(cfg.data.n) if cfg.overlap.k == "auto" else int(cfg.overlap.k)
+    if k > points - 2:  # neighbours exclude the point itself and (share) its twin
         raise ConfigError(
-            f"overlap.k = {k}: must be below the {points} points of a map "
-            f"(2 x data.n = {cfg.data.n}); lower overlap.k or raise data.n"
+            f"overlap.k = {k}: must be at most {points - 2}, the points of a map (2 x data.n = "
+            f"{points}) other than a point and its twin; lower overlap.k or raise data.n"
         )
-    dropped = [k for k in cfg.overlap.k_sweep if k >= points]
+    dropped = [k for k in cfg.overlap.k_sweep if k > points - 2]
     if dropped:
         log.warning("overlap.k_sweep: k = %s left out (a map has only %d points)", dropped, points)
     limit = max_perplexity(points)

@@ -450,4 +450,4 @@ def _run_on_cluster(client, fn, tasks: list, retries: int, progress: bool, resou
                 rows[i] = _error_row(tasks[i], i, exc)
             fut.release()
             bar.update()
-    return rows  # type: ignore[return-value]
+    return rows

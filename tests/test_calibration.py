@@ -176,6 +176,11 @@ def test_overlap_config_k() -> None:
     from advlens.config import OVERLAP_VARIANTS
 
     assert OVERLAP_VARIANTS == VARIANTS  # the config accepts exactly the kernels' variants
+    # the default: share, scored on the reduced points (benchmarks/metric_vs_n.py, README)
+    assert (OverlapConfig().variant, OverlapConfig().space) == ("share", "reduced")
+    assert from_dict({"overlap": {"space": "map"}}).overlap.space == "map"
+    with pytest.raises(ConfigError, match="overlap.space = 'pca': valid spaces are reduced, map"):
+        from_dict({"overlap": {"space": "pca"}})
     assert from_dict({"overlap": {"variant": "share"}}).overlap.variant == "share"
     with pytest.raises(
         ConfigError, match="'shar': valid variants are overlap, mixing, pair, share"

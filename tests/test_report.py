@@ -367,7 +367,7 @@ def test_summary_names_the_biggest_drops_and_detector_layers(single_run):
     assert str(run) in text
     agg = aggregate(rows, LAYERS)
     for norm in ("l2", "linf"):
-        curve = np.array([next(a["overlap_mean"] for a in agg if (a["layer"], a["norm"]) ==
+        curve = np.array([next(a["calibrated_mean"] for a in agg if (a["layer"], a["norm"]) ==
                                (layer, norm)) for layer in LAYERS])  # fmt: skip
         drop = curve[:-1] - curve[1:]
         worst = LAYERS[int(np.argmax(drop)) + 1]

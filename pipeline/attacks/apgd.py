@@ -142,13 +142,12 @@ class APGD(Attack):
         best_x = x.clone()
         best_loss = torch.full_like(y, float("-inf"), dtype=torch.float32)
         fooled = torch.zeros_like(y, dtype=torch.bool)
+        targets: list[torch.Tensor | None] = [None]  # untargeted: one run without a target
         if self.loss == "dlr-targeted":
             order = clean_logits.argsort(dim=1)
             targets = [
                 order[:, -k] for k in range(2, min(self.n_target_classes, n_classes - 1) + 2)
             ]
-        else:
-            targets = [None]
         for target in targets:
             for _ in range(self.n_restarts):
                 # Only samples that are still robust are attacked again (as the reference).

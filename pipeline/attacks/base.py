@@ -163,10 +163,10 @@ def enforce_constraints(
 
 def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
     """The device of the model's first parameter or buffer (``fallback`` without any)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return fallback
 
 
@@ -288,7 +288,8 @@ class Attack:
                     "attacks take images scaled to [0, 1] (normalisation belongs inside the model)"
                 )
         if self.channels_last and x.dim() == 4:
-            model.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's typed overloads leave it out.
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             x = x.contiguous(memory_format=torch.channels_last)
         return model, x, y
 

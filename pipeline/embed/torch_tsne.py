@@ -60,7 +60,8 @@ def embed(
         k = _common.k_neighbors(params.perplexity, n)
         xt = torch.tensor(np.asarray(x, dtype=np.float32), device=dev)
         if knn is None:
-            *graph, source = T.knn_graph(xt, k, seed=params.seed)
+            idx_t, dist_t, source = T.knn_graph(xt, k, seed=params.seed)
+            graph = (idx_t, dist_t)
             T.synchronize(dev)
             knn_seconds = time.perf_counter() - t0
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +145,17 @@ class Conv(nn.Module):
         )
         with torch.no_grad():
             self.conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-            if "bias" in weights:
+            if self.conv.bias is not None:  # made when the weights have a bias
                 self.conv.bias.copy_(torch.from_numpy(weights["bias"]))
         self.act = activation(cfg.get("activation"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same:
             x = F.pad(
-                x, _tf_same_pads(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
+                x,
+                _tf_same_pads(
+                    (x.shape[-2], x.shape[-1]), self.kernel_size, self.stride, self.dilation
+                ),
             )
         return self.act(self.conv(x))
 
@@ -170,7 +174,7 @@ class Pool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = (
-            _tf_same_pads(tuple(x.shape[-2:]), self.kernel, self.stride)
+            _tf_same_pads((x.shape[-2], x.shape[-1]), self.kernel, self.stride)
             if self.same
             else (0, 0, 0, 0)
         )
@@ -207,6 +211,11 @@ class Dense(nn.Module):
 
 class BatchNorm(nn.Module):
     """Keras BatchNormalization over the channel axis, in inference mode."""
+
+    gamma: torch.Tensor  # buffers, registered in __init__
+    beta: torch.Tensor
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
 
     def __init__(self, cfg: dict, weights: dict[str, np.ndarray]):
         super().__init__()
@@ -263,7 +272,7 @@ class Identity(nn.Module):
 
 
 # Lambda layers: never executed; their code's names pick a known op.
-_LAMBDA_OPS = {
+_LAMBDA_OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "l2_normalize": _l2_normalize,
     "softmax": _softmax,
@@ -371,6 +380,8 @@ def lambda_op(cfg: dict, mapped: str | None = None) -> str:
 
 class KerasNet(nn.Module):
     """A Keras functional graph run in NCHW, with the input preprocessing inside."""
+
+    mean: torch.Tensor  # a buffer: the per-pixel mean subtracted first
 
     def __init__(
         self,
@@ -521,7 +532,9 @@ def load_denser(
             layers, sequential = _layers_of(config)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        nodes, prev, input_name, in_shape = [], None, None, None
+        nodes: list[tuple[str, str, nn.Module, list[str]]] = []
+        prev = input_name = ""  # the input layer's name (Keras 2 Sequential: the first layer)
+        in_shape: tuple[int, ...] | None = None
         for i, layer in enumerate(layers):
             if not isinstance(layer, dict) or "class_name" not in layer:
                 raise ConfigError(f"{path}: layer {i} of 'model_config' has no class_name")
@@ -530,7 +543,7 @@ def load_denser(
             if kind == "InputLayer":
                 input_name, in_shape, prev = name, _input_shape(layer), name
                 continue
-            if input_name is None:  # Keras 2 Sequential: the first layer carries the input shape
+            if not input_name:  # Keras 2 Sequential: the first layer carries the input shape
                 input_name, in_shape, prev = "input", _input_shape(layer), "input"
             inputs = [prev] if sequential else _inbound(layer)
             mapped = lambda_map.pop(name, None) if kind == "Lambda" else None

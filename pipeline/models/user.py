@@ -13,7 +13,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Normalized(nn.Module):
     """``model((x - mean) / std)`` for [0, 1] inputs; taps keep the inner model's names."""
 
+    mean: torch.Tensor  # buffers, (1, C, 1, 1)
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model
@@ -42,7 +45,7 @@ class Normalized(nn.Module):
 
 def _call(factory, n_classes: int, where: str) -> nn.Module:
     try:
-        params = inspect.signature(factory).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     kwargs = {"num_classes": n_classes} if "num_classes" in params else {}

@@ -44,6 +44,7 @@ class BasicBlock(nn.Module):
         # The shortcut also takes the activated input (as in RobustBench / TRADES).
         x = self.relu1(self.bn1(x))
         out = self.relu2(self.bn2(self.conv1(x)))
+        assert self.convShortcut is not None  # made when in and out planes differ
         return torch.add(self.convShortcut(x), self.conv2(out))
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import to_rgb
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 from advlens._io import slug
@@ -42,12 +42,12 @@ def _names(run_dirs: Sequence[Path]) -> list[str]:
     return names
 
 
-def _shade(color: str, t: float) -> tuple[float, float, float]:
+def _shade(color: str, t: float) -> str:
     """Blend ``color`` towards white (t < 0) or black (t > 0)."""
 
     rgb = np.array(to_rgb(color))
     target = np.zeros(3) if t > 0 else np.ones(3)
-    return tuple(rgb + (target - rgb) * abs(t))
+    return to_hex(rgb + (target - rgb) * abs(t))
 
 
 def compare(
@@ -63,9 +63,9 @@ def compare(
         raise ConfigError(f"--metric {metric!r} is not a metric; {closest(metric, METRICS)}")
     if len(run_dirs) < 1:
         raise ConfigError("advlens compare needs at least one run folder")
-    run_dirs = [Path(p) for p in run_dirs]
-    names = _names(run_dirs)
-    runs = [(name, *read_metrics(p)) for name, p in zip(names, run_dirs, strict=True)]
+    paths = [Path(p) for p in run_dirs]
+    names = _names(paths)
+    runs = [(name, *read_metrics(p)) for name, p in zip(names, paths, strict=True)]
     for line in differences(runs):
         log.warning("compare: %s", line)
     # Runs that share layer names are drawn on one name axis (their union, in order); runs
@@ -117,7 +117,7 @@ def union_layers(lists: Sequence[Sequence[str]]) -> list[str]:
     """Every layer name once, in order: each new name goes right after its predecessor."""
     out: list[str] = []
     for layers in lists:
-        prev = None
+        prev: str | None = None
         for name in layers:
             if name not in out:
                 out.insert(out.index(prev) + 1 if prev in out else len(out), name)

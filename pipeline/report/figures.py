@@ -98,7 +98,7 @@ def layer_axis(ax: Axes, layers: Sequence[str], width: float) -> None:
     else:
         for t in ax.get_xticklabels():
             t.set_rotation(40)
-            t.set_ha("right")
+            t.set_horizontalalignment("right")
             t.set_rotation_mode("anchor")
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_xlabel("layer")

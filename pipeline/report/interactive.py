@@ -26,9 +26,14 @@ from pathlib import Path
 import numpy as np
 from bokeh import models as bm
 from bokeh.embed import components
+from bokeh.model import Model
 from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models.annotations import Title
+from bokeh.models.renderers import DataRenderer
+from bokeh.models.widgets import Div, RadioButtonGroup
 from bokeh.plotting import figure
 from bokeh.resources import Resources
+from bokeh.transform import transform
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
@@ -228,7 +233,7 @@ def point_size(n_points: int) -> float:
 
 def map_panel(
     maps: Sequence[TaskMap], samples: dict, classes: Sequence[str] | None, key: str
-) -> tuple[bm.RadioButtonGroup, bm.Div, list[figure], list[str]]:
+) -> tuple[RadioButtonGroup, Div, list[figure], list[str]]:
     """Models for one (attack, norm): colour switch, selection panel, one figure per layer.
 
     Returns (controls, panel, figures, class names): Bokeh models of one document.
@@ -245,24 +250,23 @@ def map_panel(
     layers = [m.row["layer"] for m in maps]
     renderers, fields, mappers, figs = [], [], [], []
     for j, layer in enumerate(layers):
-        tools = [bm.PanTool(), bm.WheelZoomTool(), bm.BoxZoomTool(), bm.TapTool(), bm.BoxSelectTool(),
+        pan = bm.PanTool()
+        tools = [pan, bm.WheelZoomTool(), bm.BoxZoomTool(), bm.TapTool(), bm.BoxSelectTool(),
                  bm.LassoSelectTool(), bm.ResetTool()]  # fmt: skip
         f = figure(
-            title=f"{j}: {layer}", width=MAP_PX, height=MAP_PX, tools=tools,
+            title=Title(text=f"{j}: {layer}", text_font_size="11px"), width=MAP_PX, height=MAP_PX, tools=tools,
             output_backend="webgl", match_aspect=True, name=f"map-{key}-{j}",
             toolbar_location="above",
         )  # fmt: skip
         f.axis.visible = False
         f.grid.visible = False
-        f.title.text_font_size = "11px"
         f.toolbar.logo = None
-        f.toolbar.active_drag = tools[0]
-        own = []
+        f.toolbar.active_drag = pan
+        own: list[DataRenderer] = []
         for which, marker, label_field in (("c", "circle", "pred_c"), ("p", "triangle", "pred_p")):
-            spec = {"field": f"o{j}{which}", "transform": side[which]}
             r = f.scatter(
                 f"x{j}{which}", f"y{j}{which}", source=src, marker=marker, size=size,
-                fill_color=spec, line_color=None, fill_alpha=0.75,
+                fill_color=transform(f"o{j}{which}", side[which]), line_color=None, fill_alpha=0.75,
                 name="clean" if which == "c" else "perturbed",
             )  # fmt: skip
             r.selection_glyph = r.glyph.clone(
@@ -275,7 +279,7 @@ def map_panel(
             mappers.append([side[which], by_class, by_class])
         f.add_tools(bm.HoverTool(renderers=own, tooltips=TOOLTIP))
         figs.append(f)
-    switch = bm.RadioButtonGroup(labels=list(SCHEMES), active=0, name=f"colour-{key}")
+    switch = RadioButtonGroup(labels=list(SCHEMES), active=0, name=f"colour-{key}")
     switch.js_on_change(
         "active", bm.CustomJS(args=dict(renderers=renderers, fields=fields, mappers=mappers),
                            code=COLOR_JS),
@@ -284,9 +288,7 @@ def map_panel(
         "<p class='muted'>Click a point (or drag a box with the select tool) to follow that "
         "image and its twin through every layer.</p>"
     )
-    panel = bm.Div(
-        text=empty, name=f"selection-{key}", width=2 * MAP_PX, styles={"font-size": "12px"}
-    )
+    panel = Div(text=empty, name=f"selection-{key}", width=2 * MAP_PX, styles={"font-size": "12px"})
     src.selected.js_on_change(
         "indices",
         bm.CustomJS(args=dict(src=src, panel=panel, layers=layers, names=names, empty=empty),
@@ -307,14 +309,14 @@ def curve_figure(agg: Sequence[dict], layers: Sequence[str], *, metric: str = "o
     title = (f"{metric} per layer: k = {', '.join(map(str, ks)) or '?'}, N = "
              f"{', '.join(map(str, ns)) or '?'} samples (2N points per map)")  # fmt: skip
     f = figure(
-        title=title, height=340, sizing_mode="stretch_width", y_range=(-0.02, 1.02),
+        title=title, height=340, sizing_mode="stretch_width", y_range=bm.Range1d(start=-0.02, end=1.02),
         tools="pan,wheel_zoom,box_zoom,reset,save", name="curve", output_backend="webgl",
     )  # fmt: skip
     f.toolbar.logo = None
     attacks = sorted({a["attack"] for a in agg})
     dashes = ("solid", "dashed", "dotted", "dashdot")
     markers = ("circle", "square", "triangle", "diamond")
-    renderers = []
+    renderers: list[DataRenderer] = []
     for attack, norm in sorted({(a["attack"], a["norm"]) for a in agg}):
         rs = sorted(
             (a for a in agg if (a["attack"], a["norm"]) == (attack, norm) and a["layer"] in index),
@@ -385,7 +387,7 @@ def sections(
     divs) and ``script`` (the one document's data and views). All models share one document,
     so a selection in one layer's map shows in every other."""
 
-    models: dict[str, object] = {}
+    models: dict[str, Model] = {}
     if agg:
         models["curve"] = curve_figure(agg, layers)
     blocks = []

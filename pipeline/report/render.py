@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +52,17 @@ def make_figures(
         title = f"{attack} {F.NORM_LABELS.get(norm, norm)}"
         last = ms[-1]
         jobs += [
-            (f"maps-{stem}.png", lambda p, ms=ms, t=title: F.maps_figure(ms, p, title=t)),
+            (f"maps-{stem}.png", partial(F.maps_figure, ms, title=title)),
             (
                 f"labels-{stem}-{slug(last.row['layer'])}.png",
-                lambda p, m=last, t=title: F.label_map(
-                    m, p, classes=classes, title=f"{t}: {m.row['layer']}, by true label"
+                partial(
+                    F.label_map,
+                    last,
+                    classes=classes,
+                    title=f"{title}: {last.row['layer']}, by true label",
                 ),
             ),
-            (
-                f"labels-{stem}.png",
-                lambda p, ms=ms, t=title: F.labels_grid(ms, p, classes=classes, title=t),
-            ),
+            (f"labels-{stem}.png", partial(F.labels_grid, ms, classes=classes, title=title)),
         ]
     if maps:
         ks = _ks(provenance or {})

@@ -32,11 +32,14 @@ def _curves(agg: Sequence[dict], metric: str) -> dict[tuple, list[tuple[str, flo
     return out
 
 
-def overlap_drops(agg: Sequence[dict], top: int = 3) -> dict[tuple, list[tuple[str, str, float]]]:
-    """Per (attack, norm): the ``top`` layers where overlap falls most from the layer before,
-    as (layer, previous layer, drop) with drop > 0, largest first."""
+def overlap_drops(
+    agg: Sequence[dict], top: int = 3, metric: str = "calibrated"
+) -> dict[tuple, list[tuple[str, str, float]]]:
+    """Per (attack, norm): the ``top`` layers where ``metric`` (default: the reported calibrated
+    value) falls most from the layer before, as (layer, previous layer, drop) with drop > 0,
+    largest first."""
     out = {}
-    for key, curve in _curves(agg, "overlap").items():
+    for key, curve in _curves(agg, metric).items():
         drops = [(b[0], a[0], a[1] - b[1]) for a, b in zip(curve, curve[1:], strict=False)]
         out[key] = sorted((d for d in drops if d[2] > 0), key=lambda d: -d[2])[:top]
     return out
@@ -60,17 +63,20 @@ def detector_summary(agg: Sequence[dict], threshold: float = AUC_GOOD) -> list[s
 
 
 def summary(rows: Sequence[dict], run_dir: str | Path | None = None) -> str:
-    """A short end-of-run summary: where the outputs are, the layers where overlap drops most,
-    the detector layers, artefact flags and failed tasks."""
+    """A short end-of-run summary: where the outputs are, the layers where the reported value
+    drops most, the detector layers, artefact flags and failed tasks."""
     agg = aggregate(rows)
     lines = []
     if run_dir is not None:
         lines.append(f"advlens: results in {Path(run_dir)}/ (report.html, metrics.csv, figures/)")
     drops_all = overlap_drops(agg)
-    for (attack, norm), curve in sorted(_curves(agg, "overlap").items()):
+    # The reported statistic (overlap.variant on overlap.space), as the report table shows it.
+    first = rows[0] if rows else {}
+    what = f"calibrated {first.get('variant', 'overlap')} ({first.get('space', 'map')})"
+    for (attack, norm), curve in sorted(_curves(agg, "calibrated").items()):
         eps = next((a.get("eps") for a in agg if (a["attack"], a["norm"]) == (attack, norm)), None)
         head = f"{attack} {norm}" + (f" eps={eps:g}" if eps is not None else "")
-        text = f"{head}: overlap {curve[0][1]:.2f} at {curve[0][0]} -> {curve[-1][1]:.2f} at {curve[-1][0]}"
+        text = f"{head}: {what} {curve[0][1]:.2f} at {curve[0][0]} -> {curve[-1][1]:.2f} at {curve[-1][0]}"
         drops = drops_all.get((attack, norm), [])
         if drops:
             text += "; drops most at " + ", ".join(
@@ -81,7 +87,7 @@ def summary(rows: Sequence[dict], run_dir: str | Path | None = None) -> str:
     flags = [a for a in agg if a.get("artefact_flag")]
     if flags:
         lines.append(
-            f"artefact check: {len(flags)} layer(s) where map and reduced-point overlap differ "
+            f"artefact check: {len(flags)} layer(s) where the map's and the reduced points' calibrated values differ "
             f"by > {ARTEFACT_GAP:g}: " + ", ".join(f"{a['layer']} ({a['norm']})" for a in flags[:8])
         )
     failed = [r for r in rows if r.get("error")]

@@ -145,7 +145,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     )
     if bad is None and not (layers is None or isinstance(layers, list)):
         bad = "'layers' is not a list"
-    if bad:
+    if bad or not isinstance(rows, list):
         raise StoreError(f"{path} is damaged ({bad}); {redo}")
     return rows, list(layers or layer_order(rows))
 
@@ -183,7 +183,8 @@ def layer_order(rows: Iterable[dict]) -> list[str]:
     seen: dict[str, float] = {}
     for r in rows:
         if r.get("layer") is not None and r["layer"] not in seen:
-            seen[r["layer"]] = r.get("layer_index") if r.get("layer_index") is not None else 1e9
+            index = r.get("layer_index")
+            seen[r["layer"]] = float(index) if index is not None else 1e9
     return sorted(seen, key=lambda name: seen[name])
 
 
@@ -209,7 +210,7 @@ def interval_kind(n_repeats: int) -> str:
     return f"{n_repeats} repeat{'s' if n_repeats != 1 else ''}, range"
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def _stats(values: list[float | None]) -> dict[str, float | None]:
     v = np.array([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "std": None, "boot_low": None, "boot_high": None}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from advlens.errors import StoreError
 from advlens.store import layout
@@ -94,7 +95,7 @@ class ActivationStore(StoreReader):
         return store
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> ActivationStore:
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> ActivationStore:
         """Open an existing store (``mode`` "r" or "r+")."""
         return cls(path, mode=mode)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 CLEVEL = 1
 METADATA = "zarr.json"  # a group's or array's metadata file
+Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr.open_group's modes
 
 
 def codecs() -> list[Any]:
@@ -45,7 +46,7 @@ def metadata_mtime(path: Path) -> int:
     return (path / METADATA).stat().st_mtime_ns
 
 
-def open_group(path: Path, mode: str = "r") -> zarr.Group:
+def open_group(path: Path, mode: Mode = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode)
 
 
@@ -90,5 +91,5 @@ def writable(group: zarr.Group, name: str) -> Any:
     return array.with_config({"write_empty_chunks": True})
 
 
-def open_array(path: str | Path, name: str, mode: str = "r") -> Any:
+def open_array(path: str | Path, name: str, mode: Mode = "r") -> Any:
     return zarr.open_group(str(path), mode=mode)[name]

@@ -8,7 +8,7 @@ import json
 import logging
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def manifest_path(store_path: Path, batch: int) -> Path:
 class StoreIntegrity(StoreLayout):
     """Progress flags and the manifest checks of an opened store."""
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r") -> None:
         super().__init__(path, mode)
         self._manifests: dict[int, dict[str, Any]] = {}
 

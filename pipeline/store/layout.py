@@ -8,7 +8,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def chunk_rows(batch_size: int, row_bytes: int, min_bytes: int = MIN_CHUNK_BYTES
 class StoreLayout:
     """An opened store's identity and geometry: attrs, N, batches, layers, aliases, widths."""
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r") -> None:
         self.path = Path(path)
         self.mode = mode
         attrs = root_attrs(self.path)
@@ -103,7 +103,16 @@ class StoreLayout:
         names = [f"samples/{f}" for f in SAMPLE_FIELDS]
         return names + [f"layers/{layer}/{w}" for layer in self.stored_layers for w in WHICH]
 
-    def check_resume(self, *, n, layers, batch_size, dtype, attrs, aliases) -> None:
+    def check_resume(
+        self,
+        *,
+        n: int,
+        layers: Mapping[str, int],
+        batch_size: int,
+        dtype: str,
+        attrs: Mapping[str, Any],
+        aliases: dict[str, str],
+    ) -> None:
         """Refuse to resume with settings that differ from the store's, listing each."""
         stored = {k: self.attrs.get(k) for k in IDENTITY_KEYS if k in attrs or k in self.attrs}
         new = {k: attrs.get(k) for k in stored}
