@@ -26,6 +26,7 @@ from sklearn.decomposition import PCA
 
 from advlens._env import resolve_device
 from advlens.config import memory_bytes
+from advlens.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class StreamedPCA:
     passes: int
 
 
-def reduce_store(store, layer: str, n_components: int = 50, *, seed: int = 0,
+def reduce_store(store: ActivationStore, layer: str, n_components: int = 50, *, seed: int = 0,
                  device: str = "auto", budget: int | None = None,
                  exact_max_d: int = EXACT_COV_MAX_D) -> StreamedPCA:  # fmt: skip
     """Streamed PCA of ``layer``'s joint matrix, read from an activation store in row blocks.
@@ -269,7 +270,9 @@ def _randomized(run: _Passes, n: int, d: int, q: int, seed: int) -> StreamedPCA:
         for _, c in run():
             if shift is None:
                 shift = c.mean(0, dtype=f64).float()
-            a = c - (shift if it == 0 else mean)
+            centre = shift if it == 0 else mean
+            assert centre is not None  # set by the first chunk of pass 0
+            a = c - centre
             if it == 0:
                 total += a.sum(0, dtype=f64)
             z.addmm_(a.T, a @ basis)
@@ -280,6 +283,7 @@ def _randomized(run: _Passes, n: int, d: int, q: int, seed: int) -> StreamedPCA:
             zc -= n * torch.outer(m, m @ basis.to(f64))
             mean = (shift.to(f64) + m).float()
         basis = torch.linalg.qr(zc).Q.float()
+    assert mean is not None
     y = np.empty((n, lcols), dtype=np.float32)
     for r0, c in run():
         y[r0 : r0 + len(c)] = ((c - mean) @ basis).cpu().numpy()
