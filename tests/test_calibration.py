@@ -102,14 +102,21 @@ def brute_pair(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-@SETTINGS
-@given(n=st.integers(2, 40), k_frac=st.floats(0, 1), grid=st.booleans(), seed=st.integers(0, 999))
-def test_symmetric_pair_equals_brute_force(n, k_frac, grid, seed) -> None:
+def twin_points(
+    n: int, grid: bool, seed: int
+) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """n clean 2-D points and their noisy twins (rows n..2n-1); on a half-unit grid when
+    ``grid`` (many exact distance ties: the index order decides)."""
     rng = np.random.default_rng(seed)
     clean = rng.normal(size=(n, 2))
     x = np.concatenate([clean, clean + 0.3 * rng.normal(size=(n, 2))])
-    if grid:  # many exact distance ties: the index order decides
-        x = np.round(x * 2) / 2
+    return rng, clean, (np.round(x * 2) / 2 if grid else x)
+
+
+@SETTINGS
+@given(n=st.integers(2, 40), k_frac=st.floats(0, 1), grid=st.booleans(), seed=st.integers(0, 999))
+def test_symmetric_pair_equals_brute_force(n, k_frac, grid, seed) -> None:
+    rng, clean, x = twin_points(n, grid, seed)
     k = 1 + int(k_frac * (2 * n - 2))
     res = overlap(x, flags(n), k=k, variant="pair")
     want = brute_pair(x, k)
@@ -132,11 +139,7 @@ def brute_share(x: np.ndarray, k: int) -> np.ndarray:
 @SETTINGS
 @given(n=st.integers(2, 40), k_frac=st.floats(0, 1), grid=st.booleans(), seed=st.integers(0, 999))
 def test_share_equals_brute_force(n, k_frac, grid, seed) -> None:
-    rng = np.random.default_rng(seed)
-    clean = rng.normal(size=(n, 2))
-    x = np.concatenate([clean, clean + 0.3 * rng.normal(size=(n, 2))])
-    if grid:  # many exact distance ties: the index order decides
-        x = np.round(x * 2) / 2
+    rng, clean, x = twin_points(n, grid, seed)
     k = 1 + int(k_frac * (2 * n - 3))
     res = overlap(x, flags(n), k=k, variant="share")
     want = brute_share(x, k)
