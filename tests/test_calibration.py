@@ -90,16 +90,17 @@ def test_calibrated_is_one_for_random_labels_and_zero_when_separated() -> None:
     assert calibrated(0.3, 0.6) == 0.5 and calibrated(0.9, 0.6) == 1.0
 
 
+def ranked(x: np.ndarray) -> list[tuple[int, int, list[int]]]:
+    """Per point: (i, its twin, the other points nearest first, ties by index); brute force."""
+    two_n = len(x)
+    d = cdist(x, x)
+    order = [np.lexsort((np.arange(two_n), d[i])) for i in range(two_n)]
+    return [(i, (i + two_n // 2) % two_n, [j for j in order[i] if j != i]) for i in range(two_n)]
+
+
 def brute_pair(x: np.ndarray, k: int) -> np.ndarray:
     """Symmetric pair by brute force: full distance matrix, ties by index."""
-    two_n = len(x)
-    n = two_n // 2
-    d = cdist(x, x)
-    out = np.empty(two_n)
-    for i in range(two_n):
-        order = [j for j in np.lexsort((np.arange(two_n), d[i])) if j != i][:k]
-        out[i] = float((i + n) % two_n in order)
-    return out
+    return np.array([float(twin in rest[:k]) for _, twin, rest in ranked(x)])
 
 
 def twin_points(
@@ -126,14 +127,13 @@ def test_symmetric_pair_equals_brute_force(n, k_frac, grid, seed) -> None:
 
 def brute_share(x: np.ndarray, k: int) -> np.ndarray:
     """share by brute force: full distance matrix, ties by index, the point and its twin out."""
-    two_n = len(x)
-    n = two_n // 2
-    d = cdist(x, x)
-    out = np.empty(two_n)
-    for i in range(two_n):
-        rest = [j for j in np.lexsort((np.arange(two_n), d[i])) if j not in (i, (i + n) % two_n)]
-        out[i] = sum((j >= n) != (i >= n) for j in rest[:k]) / k
-    return out
+    n = len(x) // 2
+    return np.array(
+        [
+            sum((j >= n) != (i >= n) for j in [j for j in rest if j != twin][:k]) / k
+            for i, twin, rest in ranked(x)
+        ]
+    )
 
 
 @SETTINGS
