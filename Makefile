@@ -13,11 +13,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 # takes the default (CUDA) build instead.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
 
-.PHONY: robust-vs-standard all-layers test test-all setup data browser lint bench gpu-check gpu-wheels clean help
+.PHONY: robust-vs-standard all-layers test test-long test-all setup data browser lint bench gpu-check gpu-wheels clean help
 
 help:
 	@echo "make all-layers   set up, train (once) and run the default layer analysis -> runs/default/"
-	@echo "make test         set up and run the tests (make test-all: the slow ones too)"
+	@echo "make test         set up and run the tests, about 2 minutes (test-long: CI's rest; test-all: all)"
 	@echo "make robust-vs-standard  adversarially trained vs standard small CNN -> runs/robust-vs-standard/"
 	@echo "make lint         ruff (check and format) and mypy on pipeline/ and kernels/"
 	@echo "make bench        the CPU benchmarks -> benchmarks/results/"
@@ -65,12 +65,21 @@ robust-vs-standard: setup
 	  --set output.name=standard $(ARGS)
 	$(BIN)/advlens compare runs/robust runs/standard --metric calibrated --out runs/robust-vs-standard
 
-test: setup browser
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+# Three tiers (markers in pyproject.toml): `make test` is the two-minute loop; `make test-long`
+# adds what takes seconds each (whole runs, real processes; CI runs both); `make test-all` also
+# runs the minute-long reference comparisons. One pytest-xdist worker per core, a test file per
+# worker (its module fixtures are built once).
+JOBS   ?= auto
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
-# Everything, the slow reference comparisons at the default eps included (a few minutes more).
+test: setup browser
+	$(PYTEST) -m "not slow and not long" $(ARGS)
+
+test-long: setup browser
+	$(PYTEST) -m "long and not slow" $(ARGS)
+
 test-all: setup browser
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # Headless Chromium for the report's browser test (skipped, with the reason, without it).
 browser:

@@ -181,6 +181,7 @@ def test_sweep_rejects_bad_sizes(capsys):
     assert "'abc' is not an integer" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_sweep_runs_the_whole_analysis_at_each_size(tmp_path, fmnist_model):
     from pathlib import Path
 

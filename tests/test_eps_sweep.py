@@ -97,6 +97,7 @@ def test_summary_markdown_and_figures(tmp_path) -> None:
         assert p.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.long
 def test_eps_sweep_runs_the_analysis_at_each_budget(tmp_path) -> None:
     root = tmp_path / "runs"
     argv = ["sweep", "--quiet", "--eps", "0.3,0.05", "--name", "t",

@@ -46,6 +46,7 @@ def test_every_setting_declares_what_it_shapes():
     assert "embed" not in ident and "schedule" not in ident and "root" not in ident["output"]
 
 
+@pytest.mark.long
 def test_replaced_weights_and_changed_attack_settings_are_refused(tmp_path, checkpoint, capsys):
     path, state = checkpoint
     ck = f"model.checkpoint='{path}'"

@@ -55,6 +55,12 @@ class Run:
         return sorted((self.path / "tasks").glob(f"*{suffix}"))
 
 
+def first_in_loop(*values: str) -> list:
+    """Damage cases of one code path: the first runs in ``make test``, the rest (each a rerun of
+    advlens, seconds) in the ``long`` tier that CI runs."""
+    return [values[0], *(pytest.param(v, marks=pytest.mark.long) for v in values[1:])]
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> Run:
     return Run(tmp_path_factory.mktemp("integrity"))
@@ -76,7 +82,7 @@ def test_reference_run_verifies_clean(ref, capsys):
     assert "intact" in out and "2 task rows, 2 maps intact" in out
 
 
-@pytest.mark.parametrize("how", ["empty", "one byte", "half", "deleted"])
+@pytest.mark.parametrize("how", first_in_loop("half", "empty", "one byte", "deleted"))
 def test_damaged_shard_is_named_then_recomputed_to_the_same_numbers(ref, capsys, caplog, how):
     run = ref.restore()
     shard = run / "apgd-ce-linf.zarr/layers/fc1/perturbed/c/1/0"
@@ -109,7 +115,7 @@ def test_damaged_samples_chunk_and_lost_manifest_are_recomputed(ref, capsys):
     assert _numbers(run) == ref.numbers
 
 
-@pytest.mark.parametrize("damage", ["empty", "not json", "{}", "half", "other task"])
+@pytest.mark.parametrize("damage", first_in_loop("half", "empty", "not json", "{}", "other task"))
 def test_damaged_row_is_named_and_recomputed(ref, capsys, caplog, damage):
     run = ref.restore()
     row = ref.tasks(".json")[0]
@@ -132,7 +138,7 @@ def test_damaged_row_is_named_and_recomputed(ref, capsys, caplog, damage):
     assert row.read_text() != "" and _numbers(run) == ref.numbers
 
 
-@pytest.mark.parametrize("damage", ["half", "empty", "deleted", "wrong shape"])
+@pytest.mark.parametrize("damage", first_in_loop("half", "empty", "deleted", "wrong shape"))
 def test_damaged_map_is_named_by_report_and_recomputed_by_run(ref, capsys, caplog, damage):
     import numpy as np
 

@@ -122,6 +122,7 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.long
 def test_sigkill_mid_extraction_then_resume_is_bit_identical(script, tmp_path):
     n_iter = 40
     killed, reference = tmp_path / "killed.zarr", tmp_path / "reference.zarr"

@@ -31,6 +31,7 @@ def eps_zero(tmp_path_factory):
     return cfg, run(cfg, progress=False)
 
 
+@pytest.mark.long
 def test_eps_zero_overlaps_on_every_layer(eps_zero):
     cfg, result = eps_zero
     assert [r["layer"] for r in result.rows] == result.layers
@@ -43,6 +44,7 @@ def test_eps_zero_overlaps_on_every_layer(eps_zero):
             assert 0.0 <= row[key] <= 1.0
 
 
+@pytest.mark.long
 def test_run_writes_the_promised_outputs(eps_zero):
     cfg, result = eps_zero
     d = result.run_dir
@@ -58,6 +60,7 @@ def test_run_writes_the_promised_outputs(eps_zero):
     assert prov["config"] == cfg.to_dict()
 
 
+@pytest.mark.long
 def test_rerun_resumes_and_other_settings_are_refused(eps_zero, capsys):
     cfg, result = eps_zero
     again = run(cfg, progress=False)  # everything is done: read back, nothing recomputed
@@ -101,6 +104,7 @@ def _tiny_cifar(folder, model, n=6):
     records.tofile(folder / "test_batch.bin")
 
 
+@pytest.mark.long
 def test_cifar10_wrn28_10_config_end_to_end(tmp_path):
     from advlens.models.wrn import WideResNet
 
@@ -142,6 +146,7 @@ def test_bad_input_gives_one_clear_message(tmp_path, capsys, override, needles):
         assert needle in err, err
 
 
+@pytest.mark.long
 def test_provenance_records_clean_and_robust_accuracy(eps_zero):
     from advlens.run import _model_and_data
 

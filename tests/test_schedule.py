@@ -258,6 +258,7 @@ def test_unreachable_scheduler_is_a_config_error(monkeypatch):
 # --------------------------------------------------------------------------- real clusters
 
 
+@pytest.mark.long
 def test_local_workers_match_in_process_and_retry_once(tmp_path):
     """workers=2: two worker processes; a failing task is retried once, then reported."""
     tasks = make_tasks(4, marker_dir=str(tmp_path))
@@ -277,6 +278,7 @@ def test_local_workers_match_in_process_and_retry_once(tmp_path):
     assert not worker_children()
 
 
+@pytest.mark.long
 def test_pinned_gpu_workers_each_see_one_device():
     """The cluster used without dask-cuda: one process per device, pinned by the environment.
 
@@ -449,6 +451,7 @@ def held(marker_dir: Path, hold: float):
     return call
 
 
+@pytest.mark.long
 def test_cli_cluster_matches_in_process_and_survives_a_killed_worker(
     cli_cluster, tiny_store, tmp_path
 ):

@@ -255,6 +255,7 @@ def opentsne_recall(digits, digits_graph) -> float:
     return recall_at_k(digits, ref.xy, sample=None)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["exact", "fft"])
 def test_recall_at_least_opentsne(digits, digits_graph, opentsne_recall, method):
     from advlens.embed import recall_at_k
