@@ -167,16 +167,16 @@ def test_bad_input_is_refused_before_any_attack(tmp_path, files, capsys, extra, 
 
 
 # Each case is also refused in process above; a real process (exit status, logging set up by
-# main) costs a fresh interpreter and torch import, so `make test` runs one, `make test-all` all.
+# main) costs a fresh interpreter and torch import, so `make test` runs one, CI (`long`) all.
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--set", "data.n=2"], "data.n"),
         pytest.param(
             ["--set", "model.checkpoint='{f}/evil.pt'"], "not a weights-only file",
-            marks=pytest.mark.slow,
+            marks=pytest.mark.long,
         ),
-        pytest.param(["--workers", "-1"], "schedule.workers", marks=pytest.mark.slow),
+        pytest.param(["--workers", "-1"], "schedule.workers", marks=pytest.mark.long),
     ],
 )  # fmt: skip
 def test_bad_input_from_a_real_process(tmp_path, files, extra, needle):
