@@ -13,7 +13,7 @@ default) naming the setting, the value and the closest valid names::
     ENGINES.register("opentsne", "advlens.embed.opentsne")     # lazy: imported by get()
 
     @MODELS.register("my-net")                                  # or as a decorator
-    def build(cfg, dataset, in_shape, n_classes, *, weights=True): ...
+    def build(request): ...                                     # a models.ModelRequest
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pickle
 import textwrap
@@ -15,7 +16,7 @@ from torch import nn
 
 from advlens.config import ModelConfig
 from advlens.errors import ConfigError
-from advlens.models import build_model, list_models, read_state_dict
+from advlens.models import MODELS, ModelRequest, build_model, list_models, read_state_dict, register
 from advlens.models.small_cnn import SmallCNN
 from advlens.models.taps import INPUT, LayerInfo, catalog, select_layers, tap_forward
 
@@ -398,6 +399,29 @@ def test_registry_and_unknown_names():
         build_model(ModelConfig("no_such_pkg.nets:make", device="cpu"), "cifar10", (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="no trained weights for dataset 'cifar10'"):
         build_model(ModelConfig("small-cnn", device="cpu"), "cifar10", (3, 32, 32), 10)
+
+
+def test_registered_builder_gets_one_request(monkeypatch):
+    """A builder registered with ``@register`` is called with one ModelRequest that carries
+    what build_model was given, and build_model freezes and evaluates what it returns."""
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))  # leave the registry as it was
+    seen = []
+
+    @register("test-linear")
+    def build(request: ModelRequest) -> nn.Module:
+        seen.append(request)
+        c, h, w = request.in_shape
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, request.n_classes))
+
+    cfg = ModelConfig("test-linear", device="cpu")
+    model = build_model(cfg, "folder", [3, 2, 2], 4, weights=False)
+    assert seen == [ModelRequest(cfg, "folder", (3, 2, 2), 4, False)]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model(torch.zeros(1, 3, 2, 2)).shape == (1, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seen[0].weights = True  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        ModelRequest(cfg, "folder", (3, 2), 4)  # type: ignore[arg-type]
 
 
 def test_user_factory_with_checkpoint(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from advlens._env import resolve_device
 from advlens.models.base import (
     WRN_NAME,
     ModelFactory,
+    ModelRequest,
     load_checkpoint,
     read_state_dict,
     strip_prefixes,
@@ -38,6 +39,7 @@ register = MODELS.register  # ``@register("my-net")`` adds a builder
 __all__ = [
     "MODELS",
     "ModelFactory",
+    "ModelRequest",
     "build_model",
     "fingerprint",
     "get_factory",
@@ -70,9 +72,8 @@ def build_model(
     model sits on :func:`resolve_device` (``cfg.device``). ``weights=False`` skips loading
     (or training) weights where the architecture alone is known: enough to list layers.
     """
-    factory = get_factory(cfg.name)
-    shape = tuple(int(s) for s in in_shape)
-    model = factory(cfg, dataset, shape, int(n_classes), weights=weights)
+    c, h, w = (int(s) for s in in_shape)
+    model = get_factory(cfg.name)(ModelRequest(cfg, dataset, (c, h, w), int(n_classes), weights))
     model.eval()
     model.requires_grad_(False)
     return model.to(resolve_device(getattr(cfg, "device", "auto")))

@@ -1,36 +1,52 @@
 """The model family's interface: the builder signature and checkpoint loading.
 
 Every implementation (one module each: ``small_cnn``, ``wrn``, ``denser``, ``user``) provides
-a :class:`ModelFactory` and loads weights through :func:`load_checkpoint`; the registry and
-:func:`advlens.models.build_model` live in the package (docs/design.md, "Registries").
+a :class:`ModelFactory`, called with one :class:`ModelRequest`, and loads weights through
+:func:`load_checkpoint`; the registry and :func:`advlens.models.build_model` live in the
+package (docs/design.md, "Registries").
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from advlens.config import ModelConfig
 from advlens.errors import ConfigError
 
 WRN_NAME = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 
-class ModelFactory(Protocol):
-    """``factory(cfg, dataset, in_shape, n_classes, *, weights=True) -> nn.Module``.
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a builder is asked to build: the model settings, the dataset's name, the images'
+    (C, H, W) and the number of classes; ``weights=False`` asks for the architecture alone
+    (enough to list layers)."""
 
-    ``cfg`` is an :class:`advlens.config.ModelConfig`; ``in_shape`` is (C, H, W); the module
-    takes images in [0, 1] (normalisation inside). ``weights=False``: the architecture alone.
+    cfg: ModelConfig
+    dataset: str
+    in_shape: tuple[int, int, int]
+    n_classes: int
+    weights: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape}")
+
+
+class ModelFactory(Protocol):
+    """``factory(request) -> nn.Module``: the network for a :class:`ModelRequest`.
+
+    The module takes images in [0, 1] (normalisation inside).
     """
 
-    def __call__(
-        self, cfg: Any, dataset: str, in_shape: tuple[int, ...], n_classes: int, *,
-        weights: bool = True,
-    ) -> nn.Module: ...  # fmt: skip
+    def __call__(self, request: ModelRequest) -> nn.Module: ...
 
 
 # Wrappers in which training scripts save a state dict; prefixes DataParallel / wrappers add.

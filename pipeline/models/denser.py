@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from advlens._optional import require
-from advlens.config import ModelConfig
 from advlens.data import load_dataset
 from advlens.errors import ConfigError
+from advlens.models.base import ModelRequest
 
 SUPPORTED = (
     "InputLayer",
@@ -675,15 +675,9 @@ def training_mean(data_path: str, dataset: str = "cifar10") -> np.ndarray:
     return train.images.mean(axis=0, dtype=np.float64).astype(np.float32).transpose(1, 2, 0)
 
 
-def build(
-    cfg: ModelConfig,
-    dataset: str,
-    in_shape: tuple[int, ...],
-    n_classes: int,
-    *,
-    weights: bool = True,
-) -> nn.Module:
+def build(request: ModelRequest) -> nn.Module:
     """The DENSER network in ``cfg.checkpoint`` (a Keras .h5/.hdf5 file)."""
+    cfg = request.cfg
     if not cfg.checkpoint:
         raise ConfigError(
             "model.name = 'denser' needs model.checkpoint: the network's Keras .h5/.hdf5 file"
@@ -691,11 +685,11 @@ def build(
     mean = getattr(cfg, "mean", None)
     net = load_denser(
         cfg.checkpoint,
-        mean if mean else (None if weights else "none"),
+        mean if mean else (None if request.weights else "none"),
         lambda_map=getattr(cfg, "lambda_map", None),
     )
-    if tuple(net.in_shape) != tuple(in_shape):
+    if tuple(net.in_shape) != request.in_shape:
         raise ConfigError(
-            f"DENSER model {cfg.checkpoint} takes images {net.in_shape}, the dataset has {tuple(in_shape)}"
+            f"DENSER model {cfg.checkpoint} takes images {net.in_shape}, the dataset has {request.in_shape}"
         )
     return net

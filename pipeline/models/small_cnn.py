@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from advlens.config import AdvRecipe, ModelConfig
+from advlens.config import AdvRecipe
 from advlens.errors import ConfigError
-from advlens.models.base import load_checkpoint
+from advlens.models.base import ModelRequest, load_checkpoint
 
 TRAINABLE = ("fashion-mnist", "synthetic")  # datasets `advlens train` trains it on
 TAPS = ("conv1", "pool1", "conv2", "pool2", "fc1", "logits")
@@ -49,26 +49,20 @@ class SmallCNN(nn.Module):
         return self.logits(self.fc1(x))
 
 
-def build(
-    cfg: ModelConfig,
-    dataset: str,
-    in_shape: tuple[int, ...],
-    n_classes: int,
-    *,
-    weights: bool = True,
-) -> nn.Module:
+def build(request: ModelRequest) -> nn.Module:
     """The small CNN with ``cfg.checkpoint`` or, without one, the cached trained weights.
 
     Building never trains: missing cached weights are a ConfigError that says which
     ``advlens train`` command makes them (``advlens run`` and the Python API train first).
     """
-    model = SmallCNN((in_shape[0], in_shape[1], in_shape[2]), n_classes)
-    if not weights:
+    cfg = request.cfg
+    model = SmallCNN(request.in_shape, request.n_classes)
+    if not request.weights:
         return model
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
         return model
-    load_checkpoint(model, cached_weights(cfg, dataset))
+    load_checkpoint(model, cached_weights(cfg, request.dataset))
     return model
 
 

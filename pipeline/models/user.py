@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from advlens._optional import require
-from advlens.config import ModelConfig
 from advlens.errors import ConfigError
-from advlens.models.base import load_checkpoint
+from advlens.models.base import ModelRequest, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,15 +64,9 @@ def cwd_importable() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-def build(
-    cfg: ModelConfig,
-    dataset: str,
-    in_shape: tuple[int, ...],
-    n_classes: int,
-    *,
-    weights: bool = True,
-) -> nn.Module:
+def build(request: ModelRequest) -> nn.Module:
     """Build ``cfg.name`` = ``module:factory`` / ``torchvision:name`` / ``timm:name``."""
+    cfg, n_classes = request.cfg, request.n_classes
     module_name, _, attr = cfg.name.partition(":")
     if module_name in ("torchvision", "timm"):
         model = _hub(module_name, attr, n_classes)
@@ -89,7 +82,7 @@ def build(
         if not callable(factory):
             raise ConfigError(f"model.name = {cfg.name!r}: {module_name} has no callable {attr!r}")
         model = _call(factory, n_classes, cfg.name)
-    if weights and cfg.checkpoint:
+    if request.weights and cfg.checkpoint:
         inner = model.model if isinstance(model, Normalized) else model
         load_checkpoint(inner, cfg.checkpoint)
     return model

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advlens.config import ModelConfig
 from advlens.errors import ConfigError
-from advlens.models.base import WRN_NAME, load_checkpoint
+from advlens.models.base import WRN_NAME, ModelRequest, load_checkpoint
 
 
 class BasicBlock(nn.Module):
@@ -108,19 +107,13 @@ class WideResNet(nn.Module):
         return self.fc(out.view(-1, self.nChannels))
 
 
-def build(
-    cfg: ModelConfig,
-    dataset: str,
-    in_shape: tuple[int, ...],
-    n_classes: int,
-    *,
-    weights: bool = True,
-) -> nn.Module:
+def build(request: ModelRequest) -> nn.Module:
     """A WideResNet named ``wrn-<depth>-<width>`` loading ``cfg.checkpoint`` (required)."""
+    cfg, n_classes, channels = request.cfg, request.n_classes, request.in_shape[0]
     m = WRN_NAME.match(cfg.name)
     depth, width = (int(m.group(1)), int(m.group(2))) if m else (28, 10)
-    if not weights:
-        return WideResNet(depth, width, n_classes, in_channels=in_shape[0])
+    if not request.weights:
+        return WideResNet(depth, width, n_classes, in_channels=channels)
     if not cfg.checkpoint:
         raise ConfigError(
             f"model.name = {cfg.name!r} needs model.checkpoint: a state dict saved from "
@@ -128,7 +121,7 @@ def build(
         )
     # Parameters on the meta device: no time spent initialising what the checkpoint replaces.
     with torch.device("meta"):
-        model = WideResNet(depth, width, n_classes, in_channels=in_shape[0])
+        model = WideResNet(depth, width, n_classes, in_channels=channels)
     # sub_block1 exists in some RobustBench checkpoints but is never used in the forward pass.
     load_checkpoint(model, cfg.checkpoint, ignore=("sub_block1.",))
     return model
