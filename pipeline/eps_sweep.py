@@ -123,9 +123,18 @@ def run_eps_sweep(
     return out
 
 
+def statistic(out: dict[str, Any]) -> str:
+    """Which value the sweep reads, from its rows: ``"share, space reduced"`` (every row records
+    its ``variant`` and ``space``; several are listed)."""
+    seen = {(r.get("variant"), r.get("space")) for e in out.get("runs", []) for r in e["rows"]
+            if r.get("calibrated") is not None}  # fmt: skip
+    return "; ".join(f"{v}, space {s}" for v, s in sorted(seen, key=str)) or "none yet"
+
+
 def render_eps_markdown(out: dict[str, Any]) -> str:
     lines = [f"# Eps sweep {out['name']}", "",
-             "Calibrated overlap per layer (1 = as mixed as random labels); radius: the smallest "
+             f"Calibrated value per layer ({statistic(out)}; 1 = as mixed as random labels); "
+             "radius: the smallest "
              f"eps at which it falls below {THRESHOLD} (interpolated; '>' = not reached).", "",
              "![overlap against eps](eps_curve.png) ![radius per layer](radius.png) "
              "![matched success](matched_success.png)", ""]  # fmt: skip

@@ -73,7 +73,8 @@ def _entries():
     for eps, succ, vals in ((0.05, 0.2, (1.0, 0.9, 0.7)), (0.1, 0.5, (1.0, 0.6, 0.3)),
                             (0.2, 0.9, (0.9, 0.2, 0.1))):  # fmt: skip
         rows = [{"attack": "apgd-ce", "norm": "linf", "layer": layer, "layer_index": i,
-                 "calibrated": v, "success_rate": succ, "error": None}
+                 "calibrated": v, "success_rate": succ, "error": None, "variant": "share",
+                 "space": "reduced"}
                 for i, (layer, v) in enumerate(zip(("input", "conv1", "fc"), vals, strict=True))]  # fmt: skip
         out.append({"eps": eps, "rows": rows})
     return out
@@ -89,6 +90,7 @@ def test_summary_markdown_and_figures(tmp_path) -> None:
     assert fc["at_success"]["0.5"] == pytest.approx(0.3)
     out = {"name": "t", "folder": str(tmp_path), "runs": _entries(), "layers": layers}
     md = render_eps_markdown(out)
+    assert "Calibrated value per layer (share, space reduced; 1 = as mixed" in md
     assert "| apgd-ce-linf | input | 1.000 | 1.000 | 0.900 | > 0.2 |" in md
     assert "| apgd-ce-linf | 0.200 | 0.500 | 0.900 |" in md
     paths = write_eps_outputs(out, tmp_path)
