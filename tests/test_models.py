@@ -422,6 +422,8 @@ def test_registered_builder_gets_one_request(monkeypatch):
         seen[0].weights = True  # type: ignore[misc]
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         ModelRequest(cfg, "folder", (3, 2), 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        build_model(cfg, "folder", (1, 3, 2, 2), 4, weights=False)
 
 
 def test_user_factory_with_checkpoint(tmp_path, monkeypatch):

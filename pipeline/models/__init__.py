@@ -72,8 +72,9 @@ def build_model(
     model sits on :func:`resolve_device` (``cfg.device``). ``weights=False`` skips loading
     (or training) weights where the architecture alone is known: enough to list layers.
     """
-    c, h, w = (int(s) for s in in_shape)
-    model = get_factory(cfg.name)(ModelRequest(cfg, dataset, (c, h, w), int(n_classes), weights))
+    shape = tuple(int(s) for s in in_shape)  # ModelRequest refuses anything but (C, H, W)
+    request = ModelRequest(cfg, dataset, shape, int(n_classes), weights)  # type: ignore[arg-type]
+    model = get_factory(cfg.name)(request)
     model.eval()
     model.requires_grad_(False)
     return model.to(resolve_device(getattr(cfg, "device", "auto")))
