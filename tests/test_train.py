@@ -129,7 +129,7 @@ def test_adversarial_model_is_cached_under_its_recipe(tmp_path, monkeypatch):
 def _deep_calibrated_share(model, x, y, eps: float) -> dict[str, float]:
     """The default statistic (calibrated ``share``, k = "auto", on the 50-D PCA points t-SNE
     would embed) at fc1 and logits after PGD at eps."""
-    from advlens.overlap import overlap_highdim_sweep, resolve_k
+    from advlens.overlap import overlap_highdim
     from advlens.reduce import reduce
     from advlens.train import AdvRecipe, pgd_linf
 
@@ -144,9 +144,8 @@ def _deep_calibrated_share(model, x, y, eps: float) -> dict[str, float]:
     vals = {}
     for layer in ("fc1", "logits"):
         z = reduce(np.concatenate([out["clean"][layer], out["adv"][layer]]), 50, seed=0)
-        k = resolve_k("auto", n)
-        sweep = overlap_highdim_sweep(z, np.repeat([False, True], n), ks=(k,), variants=("share",))
-        vals[layer] = sweep[("share", k)].calibrated
+        share = overlap_highdim(z, np.repeat([False, True], n), k="auto", variant="share")
+        vals[layer] = share.calibrated
     with torch.no_grad():
         vals["success"] = float((model(adv).argmax(1) != y).float().mean())
     return vals
@@ -154,7 +153,7 @@ def _deep_calibrated_share(model, x, y, eps: float) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_robust_model_keeps_deep_layers_overlapping():
-    """A small setting of the robust-vs-standard comparison: Fashion-MNIST subsets, 2 epochs,
+    """A small setting of the robust-vs-standard comparison: Fashion-MNIST subsets, 3 epochs,
     PGD-3 adversarial training at eps 0.1, the same PGD-10 attack at eps 0.1 on both."""
     from advlens.data import FASHION_MNIST_DIR, load_dataset
     from advlens.train import AdvRecipe
